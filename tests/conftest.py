@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny Llama-style model and a locally trained tokenizer (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from nashalign.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from nashalign.tiny import build_model
+
+    return build_model(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny model + tokenizer saved in Hugging Face format (read-only for tests: copy to modify)."""
+    from nashalign.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny_model"))
