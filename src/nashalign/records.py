@@ -1,0 +1,455 @@
+"""Read and validate preference records from JSONL, JSON, Parquet, `datasets` folders and objects.
+
+A record is one preference: a prompt and two responses, `chosen` (preferred) and `rejected`. Three
+layouts are accepted, the ones TRL's DPOTrainer reads:
+
+- standard:        {"prompt": str, "chosen": str, "rejected": str}
+- conversational:  {"prompt": [messages], "chosen": [messages], "rejected": [messages]},
+                   a message being {"role": str, "content": str}
+- implicit prompt: {"chosen": ..., "rejected": ...} only, two full conversations (or strings) sharing a
+                   prefix; the prompt is their longest common prefix of messages (of characters for
+                   strings, as TRL's `extract_prompt`), the responses are what follows it.
+
+Every other field is kept in `PreferenceRecord.extra` (e.g. `chosen_win_rate` and `rejected_win_rate`
+for SPPO, which must be numbers in [0, 1]).
+
+Error policy. Problems that make the whole source unreadable (missing file, unknown extension, a JSON
+document that does not parse) raise `NashalignError` at once. Problems of single records are all
+collected, each naming the source, the line (JSONL, 1-based) or record index (other sources, 0-based)
+and the field; then with `on_error="raise"` (the default) one `NashalignError` lists them (the first
+20 and the total count), with `on_error="skip"` the bad records are dropped and the count and reasons
+are logged. Identical chosen and rejected is a warning, logged, and the record is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nashalign import NashalignError
+
+logger = logging.getLogger(__name__)
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+UNIT_INTERVAL_FIELDS = ("chosen_win_rate", "rejected_win_rate")
+MAX_LISTED_PROBLEMS = 20
+
+Text = str | list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One validated preference pair.
+
+    `prompt`, `chosen` and `rejected` are either all strings or all lists of `{"role", "content"}`
+    messages (the responses then start and end with an assistant message). `source` says where the
+    record came from: "path:line" for JSONL (1-based), "path[index]" for other files and
+    "dataset[index]" for objects (0-based). `extra` holds every other field of the input row.
+    """
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A problem found in one record: where (`source`, `field`, None for the whole row) and what."""
+
+    source: str
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.field is None else f"{self.source}: field '{self.field}'"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class RecordReport:
+    """Everything `read_records` found: the valid records, the problems and the warnings."""
+
+    records: list[PreferenceRecord]
+    problems: list[Problem]
+    warnings: list[Problem]
+
+
+def format_problems(problems: list[Problem], header: str) -> str:
+    """`header`, then the first MAX_LISTED_PROBLEMS problems one per line, then how many were left out."""
+    lines = [header, *(f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS])]
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+    return "\n".join(lines)
+
+
+def load_records(source: Any, *, split: str | None = None, on_error: str = "raise") -> list[PreferenceRecord]:
+    """Read and validate preference records.
+
+    `source` is a path (str or Path) to a `.jsonl` file, a `.json` file (a list of objects; a `.json`
+    file whose first character is `{` is read as JSON Lines, as `Dataset.to_json` writes it), a
+    `.parquet` file or a folder written by `datasets`' `save_to_disk` (a DatasetDict needs `split`
+    unless it has one split); or a `datasets.Dataset` / `DatasetDict` object; or a list of dicts.
+    `on_error`: "raise" raises one NashalignError listing the problems of all bad records; "skip"
+    drops them and logs how many and why. Warnings (identical chosen and rejected) are logged.
+    """
+    if on_error not in ("raise", "skip"):
+        raise NashalignError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    report = read_records(source, split=split)
+    name = describe_source(source)
+    if report.warnings:
+        logger.warning(format_problems(report.warnings, f"{name}: {len(report.warnings)} warning(s):"))
+    if report.problems:
+        bad = len({p.source for p in report.problems})
+        if on_error == "raise":
+            raise NashalignError(
+                format_problems(
+                    report.problems,
+                    f"{name}: {bad} invalid record(s), {len(report.problems)} problem(s) "
+                    "(fix them, or skip them with on_error='skip'):",
+                )
+            )
+        logger.warning(format_problems(report.problems, f"{name}: skipped {bad} invalid record(s):"))
+    if not report.records:
+        raise NashalignError(f"{name}: no valid preference records")
+    return report.records
+
+
+def describe_source(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return type(source).__name__
+
+
+def read_records(source: Any, *, split: str | None = None) -> RecordReport:
+    """Read `source` (see `load_records`) and validate every row; never raises for a bad record."""
+    rows, problems = read_rows(source, split=split)
+    records: list[PreferenceRecord] = []
+    warnings: list[Problem] = []
+    for where, row in rows:
+        record, row_problems, row_warnings = parse_record(row, where)
+        problems.extend(row_problems)
+        warnings.extend(row_warnings)
+        if record is not None:
+            records.append(record)
+    return RecordReport(records, problems, warnings)
+
+
+def read_rows(source: Any, *, split: str | None = None) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """Raw rows `(where, row)` of `source`, plus the problems of rows that could not be decoded."""
+    if isinstance(source, list):
+        return [(f"records[{i}]", row) for i, row in enumerate(source)], []
+    if not isinstance(source, (str, Path)):
+        return _dataset_rows(source, split, "dataset"), []
+    path = Path(source)
+    if not path.exists():
+        raise NashalignError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _dataset_rows(_load_from_disk(path), split, str(path)), []
+    if split is not None:
+        raise NashalignError(f"{path}: split={split!r} applies only to datasets folders, not to files")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if suffix == ".json":
+        data = path.read_bytes()
+        if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
+            return _jsonl_rows(path)
+        return _json_rows(path, data), []
+    if suffix == ".parquet":
+        return _parquet_rows(path), []
+    raise NashalignError(
+        f"{path}: unknown file type {suffix!r}; expected .jsonl, .json, .parquet or a datasets folder"
+    )
+
+
+def _jsonl_rows(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    # Read bytes and decode line by line, so invalid UTF-8 is reported on its own line.
+    rows: list[tuple[str, Any]] = []
+    problems: list[Problem] = []
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            problems.append(
+                Problem(
+                    where, None, f"invalid UTF-8: byte 0x{raw[error.start]:02x} at column {error.start + 1}"
+                )
+            )
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append((where, json.loads(line)))
+        except json.JSONDecodeError as error:
+            problems.append(Problem(where, None, f"not valid JSON: {error.msg} at column {error.colno}"))
+    return rows, problems
+
+
+def _json_rows(path: Path, data: bytes) -> list[tuple[str, Any]]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise NashalignError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[error.start]:02x})") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise NashalignError(
+            f"{path}:{error.lineno}: not valid JSON: {error.msg} at column {error.colno}"
+        ) from None
+    if not isinstance(document, list):
+        raise NashalignError(
+            f"{path}: expected a JSON list of records (or one JSON object per line), got {_type_name(document)}"
+        )
+    return [(f"{path}[{i}]", row) for i, row in enumerate(document)]
+
+
+def _parquet_rows(path: Path) -> list[tuple[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise NashalignError(f"{path}: not a readable Parquet file: {error}") from None
+    return [(f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _load_from_disk(path: Path) -> Any:
+    import datasets
+
+    if not any((path / name).exists() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        raise NashalignError(f"{path}: a folder, but not one written by datasets' save_to_disk")
+    try:
+        return datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise NashalignError(f"{path}: cannot load the datasets folder: {error}") from None
+
+
+def _dataset_rows(dataset: Any, split: str | None, name: str) -> list[tuple[str, Any]]:
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = sorted(dataset)
+        if split is None:
+            if len(splits) != 1:
+                raise NashalignError(f"{name}: holds splits {splits}; choose one with split=")
+            split = splits[0]
+        if split not in dataset:
+            raise NashalignError(f"{name}: no split {split!r}; available: {splits}")
+        return [(f"{name}[{split}][{i}]", row) for i, row in enumerate(dataset[split].to_list())]
+    if isinstance(dataset, datasets.Dataset):
+        if split is not None:
+            raise NashalignError(
+                f"{name}: split={split!r} given but it holds a single Dataset, not a DatasetDict"
+            )
+        return [(f"{name}[{i}]", row) for i, row in enumerate(dataset.to_list())]
+    raise NashalignError(
+        f"cannot read records from a {type(dataset).__name__}; expected a path, a datasets.Dataset, "
+        "a DatasetDict or a list of dicts"
+    )
+
+
+def parse_record(row: Any, where: str) -> tuple[PreferenceRecord | None, list[Problem], list[Problem]]:
+    """Validate one raw row; returns (record or None, problems, warnings)."""
+    if not isinstance(row, dict):
+        return None, [Problem(where, None, f"expected a JSON object (a record), got {_type_name(row)}")], []
+    problems: list[Problem] = []
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            problems.append(Problem(where, key, "missing (every record needs 'chosen' and 'rejected')"))
+    for key in TEXT_FIELDS:
+        if key in row:
+            problems.extend(_check_text(row[key], where, key))
+    for key in UNIT_INTERVAL_FIELDS:
+        if key in row:
+            problems.extend(_check_unit_interval(row[key], where, key))
+    if problems:
+        return None, problems, []
+
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row:
+        prompt = row["prompt"]
+        kinds = {key: isinstance(row[key], list) for key in TEXT_FIELDS}
+        if len(set(kinds.values())) > 1:
+            return None, [_mixed_layout_problem(where, kinds)], []
+    else:
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            return (
+                None,
+                [_mixed_layout_problem(where, {k: isinstance(row[k], list) for k in ("chosen", "rejected")})],
+                [],
+            )
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        if not prompt:
+            return (
+                None,
+                [
+                    Problem(
+                        where,
+                        "prompt",
+                        "missing, and chosen and rejected share no prefix to use as the prompt",
+                    )
+                ],
+                [],
+            )
+
+    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        problems.extend(_check_nonempty(value, where, key, is_response=key != "prompt"))
+    if problems:
+        return None, problems, []
+    if isinstance(prompt, list):
+        prompt, chosen, rejected = (_clean_messages(m) for m in (prompt, chosen, rejected))
+    warnings = []
+    if chosen == rejected:
+        warnings.append(
+            Problem(where, "rejected", "identical to chosen (the pair carries no preference signal)")
+        )
+    extra = {key: value for key, value in row.items() if key not in TEXT_FIELDS}
+    return PreferenceRecord(prompt, chosen, rejected, where, extra), [], warnings
+
+
+def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """Split two full conversations at their longest common prefix: (prompt, chosen rest, rejected rest).
+
+    Lists of messages are split at whole messages. Strings are split at characters, as TRL's
+    `extract_prompt` does: when the prefix ends with a space, that space goes to the responses.
+    """
+    length = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        length += 1
+    if isinstance(chosen, str) and 0 < length < min(len(chosen), len(rejected)) and chosen[length - 1] == " ":
+        length -= 1
+    return chosen[:length], chosen[length:], rejected[length:]
+
+
+def _check_text(value: Any, where: str, key: str) -> list[Problem]:
+    if isinstance(value, str):
+        return _check_encodable(value, where, key)
+    if not isinstance(value, list):
+        return [Problem(where, key, f"expected a string or a list of messages, got {_type_name(value)}")]
+    problems: list[Problem] = []
+    for i, message in enumerate(value):
+        name = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            problems.append(
+                Problem(
+                    where,
+                    name,
+                    f"expected a message {{'role': ..., 'content': ...}}, got {_type_name(message)}",
+                )
+            )
+            continue
+        for part in ("role", "content"):
+            if part not in message:
+                problems.append(
+                    Problem(where, f"{name}.{part}", "missing (a message needs 'role' and 'content')")
+                )
+            elif not isinstance(message[part], str):
+                problems.append(
+                    Problem(where, f"{name}.{part}", f"expected a string, got {_type_name(message[part])}")
+                )
+        if isinstance(message.get("role"), str) and message["role"] not in ROLES:
+            problems.append(
+                Problem(
+                    where,
+                    f"{name}.role",
+                    f"unknown role {message['role']!r}; expected one of {sorted(ROLES)}",
+                )
+            )
+        if isinstance(message.get("content"), str):
+            problems.extend(_check_encodable(message["content"], where, f"{name}.content"))
+    return problems
+
+
+def _check_encodable(text: str, where: str, key: str) -> list[Problem]:
+    # JSON escapes can produce lone surrogates (\ud800), which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return [Problem(where, key, f"invalid Unicode (lone surrogate) at character {error.start}")]
+    return []
+
+
+def _check_unit_interval(value: Any, where: str, key: str) -> list[Problem]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return [Problem(where, key, f"expected a number in [0, 1], got {_type_name(value)}")]
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        return [Problem(where, key, f"expected a number in [0, 1], got {value}")]
+    return []
+
+
+def _check_nonempty(value: Text, where: str, key: str, *, is_response: bool) -> list[Problem]:
+    if isinstance(value, str):
+        return [] if value.strip() else [Problem(where, key, "empty (expected non-blank text)")]
+    if not value:
+        return [Problem(where, key, "empty (expected at least one message)")]
+    if not is_response:
+        return []
+    problems = []
+    if value[0]["role"] != "assistant":
+        problems.append(
+            Problem(
+                where,
+                f"{key}[0].role",
+                f"a response must start with an assistant message, got {value[0]['role']!r}",
+            )
+        )
+    last = f"{key}[{len(value) - 1}]"
+    if value[-1]["role"] != "assistant":
+        problems.append(
+            Problem(
+                where,
+                f"{last}.role",
+                f"a response must end with an assistant message, got {value[-1]['role']!r}",
+            )
+        )
+    elif not value[-1]["content"].strip():
+        problems.append(Problem(where, f"{last}.content", "empty response (expected non-blank text)"))
+    return problems
+
+
+def _clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Arrow gives every message every key seen in the column, absent ones as None: drop those.
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _mixed_layout_problem(where: str, kinds: dict[str, bool]) -> Problem:
+    strings = [k for k, is_list in kinds.items() if not is_list]
+    lists = [k for k, is_list in kinds.items() if is_list]
+    return Problem(
+        where,
+        strings[0],
+        f"is a string but {', '.join(lists)} is a list of messages; use one layout for all of "
+        f"{', '.join(kinds)} (a response as [{{'role': 'assistant', 'content': ...}}])",
+    )
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
