@@ -129,7 +129,7 @@ class LossConfig:
     )
     label_smoothing: float = _field(0.0, "dpo: probability that a label is flipped", ge=0, lt=0.5)
     robust: bool = _field(False, "dpo with label_smoothing: robust DPO (unbiased) instead of conservative DPO")
-    ipo_average: bool = _field(True, "ipo: log-ratios averaged over response tokens (as TRL) instead of summed")
+    average_log_probs: bool = _field(True, "ipo: log-ratios averaged over response tokens (as TRL) instead of summed")
     eta: float = _field(0.005, "inpo: KL weight towards π_t (1/eta is the step size)", gt=0)
     tau: float | None = _field(None, "inpo: KL weight towards π_ref; unset: eta / 3", ge=0)
     sft_weight: float = _field(0.0, "weight of the added SFT term (mean NLL per chosen token)", ge=0)
