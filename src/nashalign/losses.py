@@ -95,6 +95,23 @@ def _check_ipo(beta: object, average_log_probs: object) -> None:
     _check_bool("ipo", "average_log_probs", average_log_probs)
 
 
+def _check_sppo(beta: object) -> None:
+    _check_beta("sppo", beta)
+
+
+def _check_sft() -> None:
+    """sft has no hyperparameters."""
+
+
+def _check_sft_weight(sft_weight: object) -> None:
+    if (
+        isinstance(sft_weight, bool)
+        or not isinstance(sft_weight, Real)
+        or not 0 <= float(sft_weight) < math.inf
+    ):
+        raise NashalignError(f"hyperparameter 'sft_weight' must be a finite number >= 0, got {sft_weight!r}")
+
+
 def inpo(
     *,
     policy_chosen_logps: Tensor,
@@ -146,11 +163,14 @@ def dpo(
         robust (Chowdhury et al. 2024): [−(1 − ε)·log σ(z) + ε·log σ(−z)] / (1 − 2ε)
 
     ε = label_smoothing in [0, 0.5) is the assumed probability that a label is flipped; ε = 0 gives
-    plain DPO in both variants. Matches the trainer library's `sigmoid` (ε = 0) and `robust` losses.
+    plain DPO in both variants. Same conventions as TRL's DPOTrainer: its `robust` loss is the robust
+    variant and its `sigmoid` loss is ε = 0 (TRL 1.x's `sigmoid` ignores label_smoothing; the
+    conservative form is the one older TRL releases used for `sigmoid` with label_smoothing > 0).
     """
     _check_dpo(beta, label_smoothing, robust)
     z = beta * (
-        _log_ratio(policy_chosen_logps, ref_chosen_logps) - _log_ratio(policy_rejected_logps, ref_rejected_logps)
+        _log_ratio(policy_chosen_logps, ref_chosen_logps)
+        - _log_ratio(policy_rejected_logps, ref_rejected_logps)
     )
     clean = -(1 - label_smoothing) * F.logsigmoid(z)
     flipped = -label_smoothing * F.logsigmoid(-z)
@@ -177,7 +197,7 @@ def ipo(
         loss = (z' − 1/(2β))²
 
     L = max(length, 1) counts response tokens. The per-token average is what the IPO authors ran and
-    what the trainer library's `ipo` loss computes; the summed form makes the loss scale with length.
+    what TRL's DPOTrainer computes for `ipo`; the summed form makes the loss scale with length.
     The lengths are read only when averaging (make_loss binds them to None otherwise).
     """
     _check_ipo(beta, average_log_probs)
@@ -206,10 +226,11 @@ def sppo(
         loss = (π_c − ref_c − (p̂_c − ½)/β)² + (π_r − ref_r − (p̂_r − ½)/β)²
 
     p̂ in [0, 1] is a response's estimated probability of beating the current policy (ref plays the
-    role of π_t). Without estimates, the trainer passes hard labels p̂_c = 1, p̂_r = 0, which gives
-    the trainer library's `sppo_hard` loss.
+    role of π_t). Without estimates, the trainer passes hard labels p̂_c = 1, p̂_r = 0 (tensors of
+    ones and zeros), which gives TRL's `sppo_hard` loss. p̂ is not range-checked here (that would
+    synchronize the device on every step); whoever estimates it keeps it in [0, 1].
     """
-    _check_beta("sppo", beta)
+    _check_sppo(beta)
     chosen = _log_ratio(policy_chosen_logps, ref_chosen_logps)
     rejected = _log_ratio(policy_rejected_logps, ref_rejected_logps)
     chosen_target = (chosen_win_rate.to(chosen.dtype) - 0.5) / beta
@@ -237,8 +258,7 @@ def _pairwise_plus_sft(*, pairwise: Callable[..., Tensor], sft_weight: float, **
 
 def with_sft(pairwise: Callable[..., Tensor], sft_weight: float) -> functools.partial:
     """A bound loss computing pairwise(...) + sft_weight·sft(...) per example (RPO when pairwise is dpo)."""
-    if _check_real("sft", "sft_weight", sft_weight) < 0:
-        raise NashalignError(f"hyperparameter 'sft_weight' must be >= 0, got {sft_weight!r}")
+    _check_sft_weight(sft_weight)
     return functools.partial(_pairwise_plus_sft, pairwise=pairwise, sft_weight=float(sft_weight))
 
 
@@ -248,8 +268,8 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "inpo": _check_inpo,
     "dpo": _check_dpo,
     "ipo": _check_ipo,
-    "sppo": lambda beta: _check_beta("sppo", beta),
-    "sft": lambda: None,
+    "sppo": _check_sppo,
+    "sft": _check_sft,
 }
 
 
@@ -276,11 +296,10 @@ def make_loss(name: str, **hyperparameters: object) -> functools.partial:
     allowed_text = ", ".join(allowed) + (", sft_weight" if name != "sft" else "") or "none"
     unknown = sorted(set(hyperparameters) - set(allowed))
     if unknown:
-        raise NashalignError(
-            f"loss {name!r}: unknown hyperparameter {unknown[0]!r}; allowed: {allowed_text}"
-        )
+        raise NashalignError(f"loss {name!r}: unknown hyperparameter {unknown[0]!r}; allowed: {allowed_text}")
     missing = [
-        key for key, parameter in allowed.items()
+        key
+        for key, parameter in allowed.items()
         if parameter.default is inspect.Parameter.empty and key not in hyperparameters
     ]
     if missing:
@@ -289,10 +308,9 @@ def make_loss(name: str, **hyperparameters: object) -> functools.partial:
     _CHECKS[name](**bound)
     if name == "ipo" and not bound["average_log_probs"]:
         hyperparameters = {**hyperparameters, "chosen_lengths": None, "rejected_lengths": None}
+    _check_sft_weight(sft_weight)
     loss = functools.partial(fn, **hyperparameters)
-    if _check_real(name, "sft_weight", sft_weight) != 0:
-        return with_sft(loss, sft_weight)
-    return loss
+    return with_sft(loss, sft_weight) if sft_weight != 0 else loss
 
 
 def loss_inputs(fn: Callable[..., Tensor]) -> tuple[str, ...]:
