@@ -1,0 +1,323 @@
+"""Generation backends: counts, padding invariance, seeding, finish reasons, sampling distribution.
+
+The transformers sampler is checked against a naive reference that generates one prompt at a time,
+without padding and without the KV cache, drawing each token from the same per-sample generator
+(seeded with `sample_seed(seed, prompt, sample)`): the optimized path must give the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from nashalign import NashalignError
+from nashalign.sampling import (
+    Generation,
+    TransformersSampler,
+    make_sampler,
+    sample_seed,
+    vllm_available,
+)
+
+PROMPTS = ["Paris", "What is the capital of France?", "The quick brown fox jumps over the lazy"]
+
+
+def naive_generate(model, tokenizer, prompt, *, max_new_tokens, temperature, seed=None):
+    """Reference: one unpadded prompt, a full forward pass per token, pad suppressed, then either
+    argmax (temperature 0) or a draw from softmax(logits / T) with the given generator seed.
+    Returns (token_ids without EOS, finish_reason)."""
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator().manual_seed(seed)
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(ids).logits[0, -1].float()
+            logits[tokenizer.pad_token_id] = float("-inf")
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            if token == tokenizer.eos_token_id:
+                return new, "stop"
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new, "length"
+
+
+def eos_biased(model, tokenizer, bias):
+    """The same model with an lm_head bias of `bias` on the EOS logit (0 elsewhere)."""
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[tokenizer.eos_token_id] = bias
+    model.lm_head = biased
+    return model
+
+
+def test_counts_indices_and_text(tiny_model, tiny_tokenizer):
+    """K samples per prompt, in order, with decoded text matching the token ids."""
+    sampler = TransformersSampler(tiny_model, tiny_tokenizer, max_new_tokens=6, batch_size=5, seed=3)
+    results = sampler.generate(PROMPTS, 4, progress=False)
+    assert len(results) == len(PROMPTS)
+    for p, row in enumerate(results):
+        assert [g.sample_index for g in row] == [0, 1, 2, 3]
+        for g in row:
+            assert isinstance(g, Generation) and g.prompt_index == p
+            assert len(g.token_ids) <= 6
+            assert g.text == tiny_tokenizer.decode(g.token_ids)
+            assert g.finish_reason in ("stop", "length")
+            assert tiny_tokenizer.eos_token_id not in g.token_ids
+            assert tiny_tokenizer.pad_token_id not in g.token_ids
+
+
+def test_greedy_left_padded_batch_equals_unpadded_single_prompt(tiny_model, tiny_tokenizer):
+    """Prompts of different lengths share a left-padded batch; greedy output (temperature 0) must equal
+    generating each prompt alone without padding or cache, and all K copies are identical."""
+    sampler = TransformersSampler(
+        tiny_model, tiny_tokenizer, max_new_tokens=10, temperature=0.0, batch_size=3
+    )
+    results = sampler.generate(PROMPTS, 2, progress=False)
+    for prompt, row in zip(PROMPTS, results):
+        expected, reason = naive_generate(
+            tiny_model, tiny_tokenizer, prompt, max_new_tokens=10, temperature=0
+        )
+        assert [g.token_ids for g in row] == [expected, expected]
+        assert [g.finish_reason for g in row] == [reason, reason]
+
+
+def test_sampled_tokens_equal_naive_reference_with_same_generators(tiny_model, tiny_tokenizer):
+    """Sampling at T=0.7 in padded batches of 4 equals the naive one-prompt-at-a-time reference that
+    draws from a generator seeded with sample_seed(seed, prompt, sample)."""
+    sampler = TransformersSampler(
+        tiny_model, tiny_tokenizer, max_new_tokens=7, temperature=0.7, batch_size=4, seed=11
+    )
+    results = sampler.generate(PROMPTS, 3, progress=False)
+    for p, (prompt, row) in enumerate(zip(PROMPTS, results)):
+        for j, g in enumerate(row):
+            expected, reason = naive_generate(
+                tiny_model,
+                tiny_tokenizer,
+                prompt,
+                max_new_tokens=7,
+                temperature=0.7,
+                seed=sample_seed(11, p, j),
+            )
+            assert (g.token_ids, g.finish_reason) == (expected, reason)
+
+
+def test_seeding(tiny_model, tiny_tokenizer):
+    """Same seed: identical samples, also with another batch size and when a subset of prompts is
+    regenerated with its original keys. Different seed: different samples. Samples of one prompt
+    differ from each other at T=1 (512-token vocabulary, 8 tokens)."""
+
+    def run(seed, batch_size, prompts=PROMPTS, keys=None):
+        sampler = TransformersSampler(
+            tiny_model, tiny_tokenizer, max_new_tokens=8, batch_size=batch_size, seed=seed
+        )
+        return sampler.generate(prompts, 3, progress=False, prompt_indices=keys)
+
+    first = run(5, 4)
+    assert run(5, 4) == first
+    assert run(5, 1) == first
+    assert run(5, 9) == first
+    assert run(5, 2, prompts=PROMPTS[2:], keys=[2]) == first[2:]
+    other = run(6, 4)
+    assert all(a.token_ids != b.token_ids for row_a, row_b in zip(first, other) for a, b in zip(row_a, row_b))
+    assert all(len({tuple(g.token_ids) for g in row}) == 3 for row in first)
+
+
+def test_tiny_top_p_and_tiny_temperature_are_greedy(tiny_model, tiny_tokenizer):
+    """top_p → 0 keeps only the most likely token, and T → 0 puts all mass on it: both are greedy."""
+    greedy = TransformersSampler(tiny_model, tiny_tokenizer, max_new_tokens=6, temperature=0.0)
+    nucleus = TransformersSampler(tiny_model, tiny_tokenizer, max_new_tokens=6, top_p=1e-9, seed=1)
+    cold = TransformersSampler(tiny_model, tiny_tokenizer, max_new_tokens=6, temperature=1e-4, seed=2)
+    expected = [[g.token_ids for g in row] for row in greedy.generate(PROMPTS, 2, progress=False)]
+    assert [[g.token_ids for g in row] for row in nucleus.generate(PROMPTS, 2, progress=False)] == expected
+    assert [[g.token_ids for g in row] for row in cold.generate(PROMPTS, 2, progress=False)] == expected
+
+
+def test_first_token_distribution_matches_temperature_and_top_p(tiny_model, tiny_tokenizer):
+    """With one new token, the sampled frequencies follow softmax(logits / T) restricted to the top-p
+    nucleus and renormalized. The head is scaled ×40 so a few tokens carry most of the mass. Each
+    token's count over 600 draws lies within 5 binomial standard deviations of 600·q, and no token
+    outside the nucleus is ever drawn."""
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(40.0)
+    temperature, top_p, n = 0.8, 0.9, 600
+    ids = tiny_tokenizer(PROMPTS[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = tiny_model(ids).logits[0, -1].double()
+    logits[tiny_tokenizer.pad_token_id] = float("-inf")
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = torch.argsort(probs, descending=True)
+    cumulative = torch.cumsum(probs[order], 0)
+    keep = order[: int((cumulative < top_p).sum()) + 1]  # smallest prefix with mass >= top_p
+    q = torch.zeros_like(probs)
+    q[keep] = probs[keep] / probs[keep].sum()
+    assert 2 <= len(keep) < 40
+
+    sampler = TransformersSampler(
+        tiny_model,
+        tiny_tokenizer,
+        max_new_tokens=1,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=200,
+        seed=0,
+    )
+    (row,) = sampler.generate([PROMPTS[0]], n, progress=False)
+    counts = torch.zeros_like(probs)
+    for g in row:
+        token = g.token_ids[0] if g.token_ids else tiny_tokenizer.eos_token_id
+        counts[token] += 1
+    assert set(torch.nonzero(counts).flatten().tolist()) <= set(keep.tolist())
+    sd = torch.sqrt(n * q * (1 - q)).clamp_min(1.0)
+    assert torch.all((counts - n * q).abs() <= 5 * sd)
+
+
+def test_finish_reasons_with_eos_bias(tiny_model, tiny_tokenizer):
+    """A huge EOS bias: every response is empty and stopped. A moderate bias (EOS ≈ e^3.5 times a
+    typical logit) gives a mix of 'stop' and 'length' whose tokens and reasons equal the naive
+    reference; nothing after EOS (the padding) is returned."""
+    model = eos_biased(tiny_model, tiny_tokenizer, 1e4)
+    sampler = TransformersSampler(model, tiny_tokenizer, max_new_tokens=5, batch_size=4, seed=0)
+    for row in sampler.generate(PROMPTS, 2, progress=False):
+        assert [(g.text, g.token_ids, g.finish_reason) for g in row] == [("", [], "stop")] * 2
+
+    with torch.no_grad():
+        model.lm_head.bias[tiny_tokenizer.eos_token_id] = 3.5
+    sampler = TransformersSampler(model, tiny_tokenizer, max_new_tokens=12, batch_size=8, seed=4)
+    results = sampler.generate(PROMPTS, 6, progress=False)
+    reasons = {g.finish_reason for row in results for g in row}
+    assert reasons == {"stop", "length"}
+    for p, row in enumerate(results):
+        for j, g in enumerate(row):
+            expected = naive_generate(
+                model,
+                tiny_tokenizer,
+                PROMPTS[p],
+                max_new_tokens=12,
+                temperature=1.0,
+                seed=sample_seed(4, p, j),
+            )
+            assert (g.token_ids, g.finish_reason) == expected
+            assert len(g.token_ids) == 12 if g.finish_reason == "length" else len(g.token_ids) < 12
+
+
+def test_state_is_restored(tiny_model, tiny_tokenizer):
+    """Generation leaves the tokenizer's padding side and the model's training flag as they were."""
+    tiny_model.train()
+    sampler = TransformersSampler(tiny_model, tiny_tokenizer, max_new_tokens=2, batch_size=2)
+    sampler.generate(PROMPTS, 1, progress=False)
+    assert tiny_tokenizer.padding_side == "right"
+    assert tiny_model.training
+
+
+def test_update_weights(tiny_tokenizer, tiny_model_dir):
+    """After update_weights the sampler follows the new policy (a live module or a checkpoint path)."""
+    from nashalign.tiny import build_model
+
+    first, second = build_model(tiny_tokenizer, seed=0), build_model(tiny_tokenizer, seed=1)
+    sampler = TransformersSampler(first, tiny_tokenizer, max_new_tokens=6, temperature=0.0)
+    before = sampler.generate(PROMPTS, 1, progress=False)
+    sampler.update_weights(second)
+    after = sampler.generate(PROMPTS, 1, progress=False)
+    assert before != after
+    for prompt, row in zip(PROMPTS, after):
+        assert (
+            row[0].token_ids
+            == naive_generate(second, tiny_tokenizer, prompt, max_new_tokens=6, temperature=0)[0]
+        )
+    sampler.update_weights(tiny_model_dir)  # saved with seed 0: the first model again
+    assert sampler.generate(PROMPTS, 1, progress=False) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_arguments_raise(tiny_model, tiny_tokenizer, kwargs, field):
+    arguments = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(NashalignError, match=field):
+        TransformersSampler(tiny_model, tiny_tokenizer, **arguments)
+
+
+def test_bad_generate_arguments_raise(tiny_model, tiny_tokenizer):
+    sampler = TransformersSampler(tiny_model, tiny_tokenizer, max_new_tokens=2)
+    with pytest.raises(NashalignError, match="n "):
+        sampler.generate(PROMPTS, 0)
+    with pytest.raises(NashalignError, match="prompt 1"):
+        sampler.generate(["ok", ""], 1)
+    with pytest.raises(NashalignError, match="prompt_indices"):
+        sampler.generate(PROMPTS, 1, prompt_indices=[0, 0, 1])
+
+
+def test_make_sampler_backends(tiny_model, tiny_tokenizer, tiny_model_dir, caplog):
+    """transformers from a module or a checkpoint path; vLLM unavailable here: a clear error, or the
+    documented fallback with a warning; 'auto' picks transformers."""
+    available, reason = vllm_available()
+    assert isinstance(available, bool) and isinstance(reason, str)
+    common = {"max_new_tokens": 3, "temperature": 0.0}
+    from_module = make_sampler("transformers", tiny_model, tiny_tokenizer, **common)
+    from_path = make_sampler("transformers", tiny_model_dir, **common)
+    assert isinstance(from_path, TransformersSampler)
+    assert from_path.generate(PROMPTS, 1, progress=False) == from_module.generate(PROMPTS, 1, progress=False)
+    with pytest.raises(NashalignError, match="checkpoint directory"):
+        make_sampler("vllm", tiny_model, tiny_tokenizer, **common)
+    with pytest.raises(NashalignError, match="backend"):
+        make_sampler("tgi", tiny_model, tiny_tokenizer, **common)
+    if available:
+        return
+    assert reason
+    with pytest.raises(NashalignError, match="vllm.*unavailable"):
+        make_sampler("vllm", tiny_model_dir, **common)
+    with caplog.at_level(logging.WARNING, logger="nashalign.sampling"):
+        fallback = make_sampler("vllm", tiny_model_dir, fallback_to_transformers=True, **common)
+    assert isinstance(fallback, TransformersSampler)
+    assert "transformers instead" in caplog.text
+    assert isinstance(make_sampler("auto", tiny_model_dir, **common), TransformersSampler)
+
+
+@pytest.mark.gpu
+def test_vllm_sampler(tmp_path, tiny_tokenizer):
+    """vLLM on a GPU: K per prompt, seeding, finish reasons, reload of new weights."""
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    from nashalign.sampling import VLLMSampler
+    from nashalign.tiny import build_model
+
+    # head_dim 64: vLLM's attention kernels do not take the default tiny head_dim of 8.
+    for name, seed in (("first", 0), ("second", 1)):
+        model = build_model(tiny_tokenizer, hidden_size=256, num_heads=4, seed=seed)
+        model.save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    sampler = VLLMSampler(
+        tmp_path / "first", max_new_tokens=8, seed=3, llm_kwargs={"gpu_memory_utilization": 0.3}
+    )
+    results = sampler.generate(PROMPTS, 4, progress=False)
+    assert [len(row) for row in results] == [4, 4, 4]
+    for p, row in enumerate(results):
+        for j, g in enumerate(row):
+            assert (g.prompt_index, g.sample_index) == (p, j)
+            assert g.text == tiny_tokenizer.decode(g.token_ids)
+            assert tiny_tokenizer.eos_token_id not in g.token_ids
+            assert g.finish_reason == "stop" or len(g.token_ids) == 8
+    assert sampler.generate(PROMPTS, 4, progress=False) == results
+    sampler.update_weights(tmp_path / "second")
+    assert sampler.generate(PROMPTS, 4, progress=False) != results
+    sampler.close()
