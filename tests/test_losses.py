@@ -18,6 +18,7 @@ from nashalign.losses import (
     dpo,
     inpo,
     ipo,
+    loss_hyperparameters,
     loss_inputs,
     make_loss,
     preference_metrics,
@@ -701,3 +702,26 @@ def test_sft_composes_with_every_pairwise_loss(batch, weight):
         call(pairwise, plain).sum().backward()
         expected_grad = plain["policy_chosen_logps"].grad - weight / batch["chosen_lengths"]
         assert_close(leaves["policy_chosen_logps"].grad, expected_grad, msg=name)
+
+
+def test_loss_hyperparameters():
+    """The accepted hyperparameters per loss; every combination of them binds (defaults filled in)."""
+    assert loss_hyperparameters("inpo") == ("eta", "tau", "sft_weight")
+    assert loss_hyperparameters("dpo") == ("beta", "label_smoothing", "robust", "sft_weight")
+    assert loss_hyperparameters("ipo") == ("beta", "average_log_probs", "sft_weight")
+    assert loss_hyperparameters("sppo") == ("beta", "sft_weight")
+    assert loss_hyperparameters("sft") == ()
+    with pytest.raises(NashalignError, match="unknown loss 'rlhf'"):
+        loss_hyperparameters("rlhf")
+    flat_config = {
+        "beta": 0.1,
+        "label_smoothing": 0.1,
+        "robust": True,
+        "average_log_probs": False,
+        "eta": 0.005,
+        "tau": 0.001,
+        "sft_weight": 0.0,
+    }
+    for name in LOSSES:
+        fn = make_loss(name, **{key: flat_config[key] for key in loss_hyperparameters(name)})
+        assert isinstance(fn, functools.partial)

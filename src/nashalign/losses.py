@@ -6,12 +6,13 @@ project contract: `policy_*`, `ref_*`, `prev_*` are the summed response log-prob
 policy π, the reference π_ref and the previous iterate π_t; `*_lengths` count response tokens;
 `*_win_rate` are estimated probabilities that a response beats the current policy.
 
-Losses are computed in at least float32: bfloat16 summed log-probs of a few hundred tokens are spaced
+Losses are computed in at least float32: bfloat16 numbers near 200 (a summed log-prob of a long response) are spaced
 by 1.0, and INPO's target 1/(2η) = 100 by 0.5, so doing the arithmetic in bfloat16 would swamp the
 signal. The result has dtype promote(input, float32); gradients flow back in the input dtype.
 
 Pick a loss once with `make_loss(name, **hyperparameters)`, which validates the hyperparameters and
-binds them with functools.partial; `loss_inputs(fn)` names the tensors the bound loss reads.
+binds them with functools.partial; `loss_hyperparameters(name)` names the hyperparameters it takes and
+`loss_inputs(fn)` the tensors the bound loss reads.
 """
 
 from __future__ import annotations
@@ -281,6 +282,16 @@ def _hyperparameters(fn: Callable[..., Tensor]) -> dict[str, inspect.Parameter]:
     }
 
 
+def loss_hyperparameters(name: str) -> tuple[str, ...]:
+    """The hyperparameters `make_loss(name, ...)` accepts (sft_weight for every pairwise loss).
+
+    Lets a caller holding one flat loss config pass only the keys the chosen loss takes.
+    """
+    if name not in LOSSES:
+        raise NashalignError(f"unknown loss {name!r}; expected one of {', '.join(sorted(LOSSES))}")
+    return (*_hyperparameters(LOSSES[name]), *(("sft_weight",) if name != "sft" else ()))
+
+
 def make_loss(name: str, **hyperparameters: object) -> functools.partial:
     """Validate hyperparameters and bind them: `make_loss("inpo", eta=0.005, tau=0.005 / 3)`.
 
@@ -288,12 +299,10 @@ def make_loss(name: str, **hyperparameters: object) -> functools.partial:
     0 or absent means the pure pairwise loss. Raises NashalignError on an unknown loss name, an unknown
     or missing hyperparameter, or an out-of-range value, naming the key and what is allowed.
     """
-    if name not in LOSSES:
-        raise NashalignError(f"unknown loss {name!r}; expected one of {', '.join(sorted(LOSSES))}")
+    allowed_text = ", ".join(loss_hyperparameters(name)) or "none"
     fn = LOSSES[name]
     sft_weight = hyperparameters.pop("sft_weight", 0.0) if name != "sft" else 0.0
     allowed = _hyperparameters(fn)
-    allowed_text = ", ".join(allowed) + (", sft_weight" if name != "sft" else "") or "none"
     unknown = sorted(set(hyperparameters) - set(allowed))
     if unknown:
         raise NashalignError(f"loss {name!r}: unknown hyperparameter {unknown[0]!r}; allowed: {allowed_text}")
