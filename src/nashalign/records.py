@@ -133,10 +133,13 @@ def describe_source(source: Any) -> str:
 
 def read_records(source: Any, *, split: str | None = None) -> RecordReport:
     """Read `source` (see `load_records`) and validate every row; never raises for a bad record."""
-    rows, problems = read_rows(source, split=split)
     records: list[PreferenceRecord] = []
+    problems: list[Problem] = []
     warnings: list[Problem] = []
-    for where, row in rows:
+    for where, row in read_rows(source, split=split):
+        if isinstance(row, Problem):
+            problems.append(row)
+            continue
         record, row_problems, row_warnings = parse_record(row, where)
         problems.extend(row_problems)
         warnings.extend(row_warnings)
@@ -145,39 +148,37 @@ def read_records(source: Any, *, split: str | None = None) -> RecordReport:
     return RecordReport(records, problems, warnings)
 
 
-def read_rows(source: Any, *, split: str | None = None) -> tuple[list[tuple[str, Any]], list[Problem]]:
-    """Raw rows `(where, row)` of `source`, plus the problems of rows that could not be decoded."""
+def read_rows(source: Any, *, split: str | None = None) -> list[tuple[str, Any]]:
+    """Raw rows `(where, row)` of `source` in order; a row that cannot be decoded is a `Problem`."""
     if isinstance(source, list):
-        return [(f"records[{i}]", row) for i, row in enumerate(source)], []
+        return [(f"records[{i}]", row) for i, row in enumerate(source)]
     if not isinstance(source, (str, Path)):
-        return _dataset_rows(source, split, "dataset"), []
+        return _dataset_rows(source, split, "dataset")
     path = Path(source)
     if not path.exists():
         raise NashalignError(f"{path}: no such file or directory")
     if path.is_dir():
-        return _dataset_rows(_load_from_disk(path), split, str(path)), []
+        return _dataset_rows(_load_from_disk(path), split, str(path))
     if split is not None:
         raise NashalignError(f"{path}: split={split!r} applies only to datasets folders, not to files")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _jsonl_rows(path)
+        return _jsonl_rows(path, path.read_bytes())
     if suffix == ".json":
         data = path.read_bytes()
         if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
-            return _jsonl_rows(path)
-        return _json_rows(path, data), []
+            return _jsonl_rows(path, data)
+        return _json_rows(path, data)
     if suffix == ".parquet":
-        return _parquet_rows(path), []
+        return _parquet_rows(path)
     raise NashalignError(
         f"{path}: unknown file type {suffix!r}; expected .jsonl, .json, .parquet or a datasets folder"
     )
 
 
-def _jsonl_rows(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
-    # Read bytes and decode line by line, so invalid UTF-8 is reported on its own line.
+def _jsonl_rows(path: Path, data: bytes) -> list[tuple[str, Any]]:
+    # Decode line by line (not the whole file at once), so invalid UTF-8 is reported on its own line.
     rows: list[tuple[str, Any]] = []
-    problems: list[Problem] = []
-    data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     for number, raw in enumerate(data.split(b"\n"), start=1):
@@ -185,19 +186,16 @@ def _jsonl_rows(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            problems.append(
-                Problem(
-                    where, None, f"invalid UTF-8: byte 0x{raw[error.start]:02x} at column {error.start + 1}"
-                )
-            )
+            message = f"invalid UTF-8: byte 0x{raw[error.start]:02x} at column {error.start + 1}"
+            rows.append((where, Problem(where, None, message)))
             continue
         if not line.strip():
             continue
         try:
             rows.append((where, json.loads(line)))
         except json.JSONDecodeError as error:
-            problems.append(Problem(where, None, f"not valid JSON: {error.msg} at column {error.colno}"))
-    return rows, problems
+            rows.append((where, Problem(where, None, f"not valid JSON: {error.msg} at column {error.colno}")))
+    return rows
 
 
 def _json_rows(path: Path, data: bytes) -> list[tuple[str, Any]]:
@@ -413,7 +411,7 @@ def _check_nonempty(value: Text, where: str, key: str, *, is_response: bool) -> 
             )
         )
     last = f"{key}[{len(value) - 1}]"
-    if value[-1]["role"] != "assistant":
+    if value[-1]["role"] != "assistant" and (len(value) > 1 or not problems):
         problems.append(
             Problem(
                 where,
@@ -437,7 +435,8 @@ def _mixed_layout_problem(where: str, kinds: dict[str, bool]) -> Problem:
     return Problem(
         where,
         strings[0],
-        f"is a string but {', '.join(lists)} is a list of messages; use one layout for all of "
+        f"is a string but {' and '.join(lists)} {'is a list' if len(lists) == 1 else 'are lists'} of messages; "
+        f"use one layout for all of "
         f"{', '.join(kinds)} (a response as [{{'role': 'assistant', 'content': ...}}])",
     )
 
