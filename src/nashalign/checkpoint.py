@@ -19,12 +19,13 @@ marker. Nothing is unpickled on load: tensors come from safetensors, everything 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ _TEMP_PREFIX = ".tmp-"
 
 __all__ = [
     "COMPLETE_MARKER",
+    "atomic_directory",
     "checkpoint_name",
     "list_checkpoints",
     "latest_checkpoint",
@@ -181,6 +183,36 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+@contextlib.contextmanager
+def atomic_directory(final: str | Path, marker: str | None = COMPLETE_MARKER) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to fill; on success fsync it, write `marker` (if any) last,
+    and rename it to `final` (replacing an existing `final` whole). On an exception the temporary
+    directory is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if marker is not None:
+            (temporary / marker).write_text("complete\n", encoding="utf-8")
+        _fsync_tree(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if final.exists():  # saved again (a resumed run): swap the old one out, then delete it
+        stale = final.parent / f"{_TEMP_PREFIX}old-{final.name}-{os.getpid()}"
+        final.rename(stale)
+        temporary.rename(final)
+        shutil.rmtree(stale)
+    else:
+        temporary.rename(final)
+    _fsync(final.parent)
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -199,27 +231,13 @@ def save_checkpoint(
     leftover temporary directories of interrupted saves.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(step)
-    temporary = directory / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    save_model(temporary)
-    save_state_dict(optimizer.state_dict(), temporary, "optimizer")
-    save_state_dict(scheduler.state_dict(), temporary, "scheduler")
-    save_state_dict(capture_rng_state(), temporary, "rng")
-    (temporary / TRAINER_STATE).write_text(json.dumps(dict(trainer_state), indent=1), encoding="utf-8")
-    (temporary / COMPLETE_MARKER).write_text(f"step {step}\n", encoding="utf-8")
-    _fsync_tree(temporary)
-    if final.exists():  # the same step saved again (a resumed run): replace the old one whole
-        stale = directory / f"{_TEMP_PREFIX}old-{final.name}-{os.getpid()}"
-        final.rename(stale)
-        temporary.rename(final)
-        shutil.rmtree(stale)
-    else:
-        temporary.rename(final)
-    _fsync(directory)
+    with atomic_directory(final) as temporary:
+        save_model(temporary)
+        save_state_dict(optimizer.state_dict(), temporary, "optimizer")
+        save_state_dict(scheduler.state_dict(), temporary, "scheduler")
+        save_state_dict(capture_rng_state(), temporary, "rng")
+        (temporary / TRAINER_STATE).write_text(json.dumps(dict(trainer_state), indent=1), encoding="utf-8")
     if keep_last is not None:
         _prune(directory, keep_last)
     return final

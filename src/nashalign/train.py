@@ -1,0 +1,531 @@
+"""One optimization phase over preference pairs, on accelerate.
+
+    pairs ──► score once under π_ref (and π_t for inpo) into the log-prob cache, in inference mode
+          ──► free those models: from here on only the policy is in memory
+          ──► for each optimizer step: micro-batches ──► pair_logps(policy) ──► loss ──► backward
+              ──► clip ──► AdamW ──► schedule ──► metrics.jsonl / progress bar / trackers
+              ──► checkpoint every output.save_steps and at the end ──► <run_dir>/final
+
+Run directory: `config.yaml` (resolved config), `metrics.jsonl` (one JSON object per optimizer step),
+`checkpoints/step_<N>/` (see nashalign.checkpoint), `final/` (the trained model in Hugging Face format,
+LoRA merged, tokenizer included), `logp_cache/` (unless data.cache_dir says otherwise).
+
+Data order is a permutation per epoch drawn from `optim.seed + epoch`; a global batch of
+per_device_batch_size × gradient_accumulation_steps × processes pairs makes one optimizer step and the
+loss is the mean of the per-pair losses over that global batch (also for a smaller last batch), so
+batch 4 equals batch 1 with 4 accumulation steps. A checkpoint stores the data position, so a
+resumed run replays exactly the batches (and RNG draws) of an uninterrupted one.
+
+`train(config)` reads `data.train_file`; `train_pairs(...)` takes tokenized pairs and, optionally,
+precomputed reference / previous-iterate log-probs (the online loop's entry point).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nashalign import NashalignError, checkpoint
+from nashalign.config import LossConfig, ModelConfig, TrainConfig, dump_config, to_dict, validated
+from nashalign.data import TokenizedPair, collate_pairs, load_records, tokenize_records
+from nashalign.logprobs import pair_logps
+from nashalign.losses import loss_inputs, make_loss, preference_metrics, sft
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a training phase produced: the final model and the metrics of its last optimizer step."""
+
+    run_dir: Path
+    final_dir: Path
+    metrics_file: Path
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+
+
+# --------------------------------------------------------------------------- models and losses
+
+
+def load_model(name_or_path: str | Path, model_config: ModelConfig):
+    """A causal LM from a local directory or a hub name (HF_HUB_OFFLINE is honoured by transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(name_or_path),
+            dtype=getattr(torch, model_config.dtype),
+            trust_remote_code=model_config.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise NashalignError(f"cannot load model {str(name_or_path)!r}: {first_line}") from None
+
+
+def load_tokenizer(name_or_path: str | Path, model_config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(name_or_path), trust_remote_code=model_config.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise NashalignError(f"cannot load tokenizer {str(name_or_path)!r}: {first_line}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_loss(loss_config: LossConfig):
+    """The bound per-example loss of the config (functools.partial over nashalign.losses)."""
+    hyperparameters = {
+        "dpo": {"beta": loss_config.beta, "label_smoothing": loss_config.label_smoothing, "robust": loss_config.robust},
+        "ipo": {"beta": loss_config.beta, "average_log_probs": loss_config.average_log_probs},
+        "inpo": {"eta": loss_config.eta, "tau": loss_config.tau},
+        "sppo": {"beta": loss_config.beta},
+    }[loss_config.name]
+    return make_loss(loss_config.name, **hyperparameters, sft_weight=loss_config.sft_weight)
+
+
+def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dict[str, torch.Tensor]):
+    """Per-pair losses (B,) of a collated batch under `model`, and the policy's log-probs.
+
+    `references` holds (B,) tensors ref_chosen_logps, ref_rejected_logps (+ prev_* for inpo) aligned
+    with the batch. Win rates (sppo) come from the batch when the records carry them, else hard labels
+    1 (chosen) and 0 (rejected).
+    """
+    policy = pair_logps(model, batch)
+    available = {
+        "policy_chosen_logps": policy["chosen_logps"],
+        "policy_rejected_logps": policy["rejected_logps"],
+        "chosen_lengths": policy["chosen_lengths"],
+        "rejected_lengths": policy["rejected_lengths"],
+        "chosen_win_rate": batch.get("chosen_win_rate", torch.ones_like(policy["chosen_logps"])),
+        "rejected_win_rate": batch.get("rejected_win_rate", torch.zeros_like(policy["rejected_logps"])),
+        **references,
+    }
+    return loss_fn(**{name: available[name] for name in loss_inputs(loss_fn)}), policy
+
+
+def _disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _prepare_policy(model, config: TrainConfig, resume_from: Path | None):
+    """Gradient checkpointing, dropout off, LoRA adapters (fresh or from the checkpoint)."""
+    model.config.use_cache = False
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = config.model.lora
+    if lora is not None:
+        import peft
+
+        if resume_from is not None:
+            model = peft.PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
+        else:
+            peft_config = peft.LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            )
+            model = peft.get_peft_model(model, peft_config)
+    if config.model.disable_dropout:
+        _disable_dropout(model)
+    return model.train()
+
+
+# --------------------------------------------------------------------------- scoring under ref / prev
+
+
+@torch.inference_mode()
+def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Path, pad_id: int, device):
+    from nashalign.cache import LogpCache, score_pairs
+
+    was_training = model.training
+    model.eval()
+    scores = score_pairs(
+        model.to(device),
+        pairs,
+        batch_size=config.data.scoring_batch_size,
+        cache=LogpCache(cache_dir),
+        collate_fn=lambda chunk: collate_pairs(chunk, pad_id),
+    )
+    model.train(was_training)
+    return {side: scores[f"{side}_logps"].detach().float().cpu() for side in ("chosen", "rejected")}
+
+
+def _reference_sources(config: TrainConfig, given: dict) -> dict[str, str | None]:
+    """Models still to score, by role: a path, or None for the policy's initial weights."""
+    sources = {"ref": config.model.ref_name_or_path}
+    if config.loss.name == "inpo":
+        sources["prev"] = config.model.prev_name_or_path
+    return {role: source for role, source in sources.items() if given.get(role) is None}
+
+
+def reference_logps(policy, pairs, config: TrainConfig, cache_dir: Path, pad_id: int, device, given=None):
+    """Summed log-probs of every pair under π_ref (and π_t for inpo): {"ref": {"chosen", "rejected"}, ...}.
+
+    `given` supplies precomputed ones. A role whose model is unset is the policy's initial weights and
+    is scored with `policy` itself (before any update); any other model is loaded, scored into the
+    cache and deleted before this returns, so it is not alive during training.
+    """
+    given = {role: logps for role, logps in (given or {}).items() if logps is not None}
+    results, by_source = dict(given), {}
+    for role, source in _reference_sources(config, given).items():
+        if source in by_source:
+            results[role] = by_source[source]
+        elif source is None:
+            if policy is None:
+                raise ValueError("reference_logps needs the initial policy to score it")
+            results[role] = by_source[None] = _score(policy, pairs, config, cache_dir, pad_id, device)
+        else:
+            model = load_model(source, config.model)
+            results[role] = by_source[source] = _score(model, pairs, config, cache_dir, pad_id, device)
+            del model
+            gc.collect()
+    for role, logps in results.items():
+        for side in ("chosen", "rejected"):
+            if tuple(logps[side].shape) != (len(pairs),):
+                raise NashalignError(f"{role} log-probs: expected shape ({len(pairs)},) for {side}")
+    return results
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_pairs, generator=generator).tolist()
+
+
+def _data_fingerprint(pairs: list[TokenizedPair]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(pair.content_hash().encode("ascii"))
+    return digest.hexdigest()
+
+
+def _trackers(report_to: str) -> list[str]:
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if report_to == "tensorboard" and not installed:
+        raise NashalignError("output.report_to: 'tensorboard' requested but tensorboard is not installed")
+    return ["tensorboard"] if report_to == "tensorboard" or (report_to == "auto" and installed) else []
+
+
+def _make_accelerator(config: TrainConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # A library function may run several phases in one process (the online loop) with different
+    # precision; accelerate keeps one process-wide state, so reset it (the process group is kept).
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()
+    return Accelerator(
+        mixed_precision=config.model.mixed_precision,
+        log_with=_trackers(config.output.report_to) or None,
+        project_dir=str(run_dir),
+    )
+
+
+def _schedule(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    optim = config.optim
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else math.ceil(optim.warmup_ratio * total_steps)
+    if optim.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    make = get_cosine_schedule_with_warmup if optim.schedule == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, warmup, total_steps)
+
+
+def _rewrite_metrics(path: Path, up_to_step: int) -> None:
+    """Keep only the metrics of steps <= up_to_step (a killed run may have logged past its checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in kept))
+    temporary.replace(path)
+
+
+def train(config: TrainConfig, *, resume: str = "auto", callback: StepCallback | None = None) -> TrainResult:
+    """Train `config.model.name_or_path` on the pairs of `config.data.train_file` (see train_pairs)."""
+    config = validated(config)
+    if config.data.train_file is None:
+        raise NashalignError("data.train_file: required to train from a config (set it or use --set)")
+    tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path, config.model)
+    records = load_records(config.data.train_file)
+    pairs, _ = tokenize_records(
+        records, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
+    )
+    if not pairs:
+        raise NashalignError(f"{config.data.train_file}: no pair fits data.max_length={config.data.max_length}")
+    return train_pairs(config.model.name_or_path, pairs, config, tokenizer=tokenizer, resume=resume, callback=callback)
+
+
+def train_pairs(
+    policy,
+    pairs: list[TokenizedPair],
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    *,
+    tokenizer=None,
+    ref_logps: dict[str, torch.Tensor] | None = None,
+    prev_logps: dict[str, torch.Tensor] | None = None,
+    resume: str = "auto",
+    callback: StepCallback | None = None,
+) -> TrainResult:
+    """Minimize the configured loss over `pairs`; return the final model's path and last metrics.
+
+    policy: a path / hub name or a loaded causal LM (trained in place). pairs: tokenized pairs.
+    ref_logps / prev_logps: optional precomputed {"chosen": (N,), "rejected": (N,)} summed log-probs
+    aligned with `pairs`; missing ones are scored through the log-prob cache (see reference_logps).
+    run_dir: defaults to config.output.dir. resume: "auto" continues from the newest complete
+    checkpoint in run_dir, "never" starts over. callback(step, metrics) runs after every optimizer step.
+    Seeds python, numpy and torch from optim.seed (a run owns the process's RNGs).
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    if resume not in ("auto", "never"):
+        raise NashalignError(f"--resume: expected 'auto' or 'never', got {resume!r}")
+    config = validated(config)
+    if not pairs:
+        raise NashalignError("no preference pairs to train on")
+    run_dir = Path(run_dir if run_dir is not None else config.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints_dir, metrics_file, final_dir = run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "final"
+    resume_from = checkpoint.latest_checkpoint(checkpoints_dir) if resume == "auto" else None
+    if resume == "never" and metrics_file.exists():
+        metrics_file.unlink()
+
+    accelerator = _make_accelerator(config, run_dir)
+    set_seed(config.optim.seed)
+    if accelerator.is_main_process:
+        dump_config(config, run_dir / "config.yaml")
+    given = {"ref": ref_logps, "prev": prev_logps}
+    policy_source = policy if isinstance(policy, (str, Path)) else None
+    if policy_source is not None:
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or policy_source, config.model)
+        # The initial weights are loaded now only if they score a role; else after scoring (lower peak).
+        needs_initial = None in _reference_sources(config, given).values()
+        policy = load_model(policy_source, config.model) if needs_initial else None
+    if tokenizer is None:
+        raise NashalignError("train_pairs: pass the tokenizer when the policy is a model object")
+
+    # 1. Log-probs of every pair under π_ref (and π_t), then only the policy stays in memory.
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "logp_cache"
+    references = reference_logps(policy, pairs, config, cache_dir, tokenizer.pad_token_id, accelerator.device, given)
+    reference_columns = {
+        f"{role}_{side}_logps": logps[side] for role, logps in references.items() for side in ("chosen", "rejected")
+    }
+    del references
+    full_resume = resume_from is not None and config.model.lora is None
+    if policy is None or full_resume:
+        del policy
+        gc.collect()
+        policy = load_model(resume_from if full_resume else policy_source, config.model)
+
+    # 2. Policy, optimizer, schedule.
+    policy = _prepare_policy(policy, config, resume_from)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+    )
+    global_batch = optim.per_device_batch_size * optim.gradient_accumulation_steps * accelerator.num_processes
+    steps_per_epoch = math.ceil(len(pairs) / global_batch)
+    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
+    scheduler = _schedule(optimizer, config, total_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    loss_fn = build_loss(config.loss)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "tokens": 0,
+             "total_steps": total_steps, "global_batch": global_batch, "data": _data_fingerprint(pairs)}
+    if resume_from is not None:
+        saved = checkpoint.load_trainer_state(resume_from)
+        for key in ("total_steps", "global_batch", "data"):
+            if saved[key] != state[key]:
+                raise NashalignError(
+                    f"{resume_from}: cannot resume, {key} differs from this run's "
+                    f"({saved[key]!r} vs {state[key]!r}); use --resume never or another output.dir"
+                )
+        state.update(saved)
+        checkpoint.load_optimizer_state(resume_from, optimizer.optimizer)
+        checkpoint.load_scheduler_state(resume_from, scheduler)
+        checkpoint.load_rng_state(resume_from)
+        _rewrite_metrics(metrics_file, state["global_step"])
+        logger.info("resuming from %s (step %d)", resume_from, state["global_step"])
+
+    if accelerator.log_with:
+        flat = {key: json.dumps(value) if isinstance(value, list) else value
+                for key, value in _flatten(to_dict(config)).items()}
+        accelerator.init_trackers("train", config=flat)
+    unwrapped = accelerator.unwrap_model(policy)
+
+    def save_model(directory: Path) -> None:
+        accelerator.unwrap_model(policy).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    def save(step: int) -> Path | None:
+        if not accelerator.is_main_process:
+            return None
+        return checkpoint.save_checkpoint(
+            checkpoints_dir, step, save_model=save_model, optimizer=optimizer.optimizer,
+            scheduler=scheduler, trainer_state=state, keep_last=config.output.save_total_limit,
+        )
+
+    # 3. The loop: one iteration = one optimizer step over one global batch.
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
+                    disable=not accelerator.is_local_main_process)
+    metrics: dict[str, float] = {}
+    last_checkpoint = resume_from
+    metrics_out = open(metrics_file, "a", encoding="utf-8") if accelerator.is_main_process else None
+    try:
+        while state["global_step"] < total_steps:
+            order = _epoch_order(len(pairs), optim.seed, state["epoch"])
+            while state["step_in_epoch"] < steps_per_epoch and state["global_step"] < total_steps:
+                start = state["step_in_epoch"] * global_batch
+                metrics = _optimizer_step(
+                    order[start : start + global_batch], pairs, reference_columns, policy, optimizer,
+                    scheduler, loss_fn, config, accelerator, tokenizer.pad_token_id,
+                )
+                state["step_in_epoch"] += 1
+                state["global_step"] += 1
+                state["tokens"] += int(metrics.pop("_tokens"))
+                if state["step_in_epoch"] == steps_per_epoch:
+                    state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+                step = state["global_step"]
+                metrics = {"step": step, "epoch": step / steps_per_epoch, "tokens": state["tokens"], **metrics}
+                if metrics_out is not None:
+                    metrics_out.write(json.dumps(metrics) + "\n")
+                    metrics_out.flush()
+                if step % config.output.logging_steps == 0 or step == total_steps:
+                    accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}")
+                progress.update(1)
+                if config.output.save_steps and step % config.output.save_steps == 0 and step < total_steps:
+                    last_checkpoint = save(step) or last_checkpoint
+                if callback is not None:
+                    callback(step, metrics)
+        if last_checkpoint is None or checkpoint.load_trainer_state(last_checkpoint)["global_step"] < total_steps:
+            last_checkpoint = save(state["global_step"]) or last_checkpoint
+    finally:
+        progress.close()
+        if metrics_out is not None:
+            metrics_out.close()
+
+    # 4. The final model in Hugging Face format (LoRA merged into the base weights).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_model = unwrapped.merge_and_unload() if config.model.lora is not None else unwrapped
+        with checkpoint.atomic_directory(final_dir, marker=None) as directory:
+            final_model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+    accelerator.end_training()
+    if not metrics and metrics_file.exists():
+        lines = metrics_file.read_text().splitlines()
+        metrics = json.loads(lines[-1]) if lines else {}
+    return TrainResult(run_dir, final_dir, metrics_file, state["global_step"], metrics, last_checkpoint)
+
+
+def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, scheduler, loss_fn, config,
+                    accelerator, pad_id) -> dict[str, float]:
+    """Forward/backward over the micro-batches of one global batch, clip, step; return its metrics.
+
+    The loss is sum(per-pair losses) / (pairs in the global batch), accumulated over micro-batches
+    (hand-written instead of accelerator.accumulate, which divides by a fixed step count and so
+    weights a smaller last batch wrongly). With several processes DDP averages the gradients, hence
+    the factor num_processes.
+    """
+    began = time.perf_counter()
+    local = indices[accelerator.process_index :: accelerator.num_processes]
+    size = config.optim.per_device_batch_size
+    micro_batches = [local[i : i + size] for i in range(0, len(local), size)]
+    scale = accelerator.num_processes / len(indices)
+    collected: dict[str, list[torch.Tensor]] = {}
+    tokens = 0
+    for number, micro in enumerate(micro_batches):
+        batch = collate_pairs([pairs[i] for i in micro], pad_id)
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        selected = torch.tensor(micro)
+        references = {key: column[selected].to(accelerator.device) for key, column in reference_columns.items()}
+        last = number == len(micro_batches) - 1
+        with accelerator.no_sync(policy) if not last else nullcontext():
+            with accelerator.autocast():
+                losses, policy_logps = batch_losses(policy, batch, loss_fn, references)
+            accelerator.backward(losses.sum() * scale)
+        tokens += int(batch["attention_mask"].sum())
+        for key, value in {
+            "losses": losses, "policy_chosen_logps": policy_logps["chosen_logps"],
+            "policy_rejected_logps": policy_logps["rejected_logps"], "chosen_lengths": policy_logps["chosen_lengths"],
+            **{key: references[key] for key in ("ref_chosen_logps", "ref_rejected_logps")},
+        }.items():
+            collected.setdefault(key, []).append(value.detach().float())
+    max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
+    grad_norm = accelerator.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_norm)
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    values = {key: torch.cat(parts) for key, parts in collected.items()}
+    means = {
+        "loss": values["losses"].mean(),
+        **preference_metrics(
+            policy_chosen_logps=values["policy_chosen_logps"],
+            policy_rejected_logps=values["policy_rejected_logps"],
+            ref_chosen_logps=values["ref_chosen_logps"],
+            ref_rejected_logps=values["ref_rejected_logps"],
+            beta=config.loss.beta,
+        ),
+    }
+    if config.loss.sft_weight:
+        means["sft"] = sft(policy_chosen_logps=values["policy_chosen_logps"],
+                           chosen_lengths=values["chosen_lengths"]).mean()
+    # Means over this process's pairs -> sums -> summed over processes -> means over the global batch.
+    count = torch.tensor(float(len(local)), device=accelerator.device)
+    stacked = torch.stack([value.to(accelerator.device) * count for value in means.values()] + [count])
+    stacked = accelerator.reduce(stacked, reduction="sum")
+    tokens_total = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
+    metrics = {key: float(total / stacked[-1]) for key, total in zip(means, stacked[:-1])}
+    metrics.update(grad_norm=float(grad_norm), lr=learning_rate, _tokens=tokens_total,
+                   tokens_per_second=tokens_total / max(time.perf_counter() - began, 1e-9))
+    return metrics
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
