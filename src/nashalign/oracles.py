@@ -105,7 +105,7 @@ def check_probabilities(values, size: int, where: str) -> np.ndarray:
         raise NashalignError(f"{where}: returned shape {array.shape}, expected ({size},)")
     if not np.all(np.isfinite(array)) or array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
         bad = array[~(np.isfinite(array) & (array >= 0.0) & (array <= 1.0))][0]
-        raise NashalignError(f"{where}: returned {bad!r}; probabilities must lie in [0, 1]")
+        raise NashalignError(f"{where}: returned {float(bad)!r}; probabilities must lie in [0, 1]")
     return array
 
 
