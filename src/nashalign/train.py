@@ -40,7 +40,7 @@ from nashalign import NashalignError, checkpoint
 from nashalign.config import LossConfig, ModelConfig, TrainConfig, dump_config, to_dict, validated
 from nashalign.data import TokenizedPair, collate_pairs, load_records, tokenize_records
 from nashalign.logprobs import pair_logps
-from nashalign.losses import loss_inputs, make_loss, preference_metrics, sft
+from nashalign.losses import loss_hyperparameters, loss_inputs, make_loss, preference_metrics, sft
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +93,9 @@ def load_tokenizer(name_or_path: str | Path, model_config: ModelConfig):
 
 
 def build_loss(loss_config: LossConfig):
-    """The bound per-example loss of the config (functools.partial over nashalign.losses)."""
-    hyperparameters = {
-        "dpo": {"beta": loss_config.beta, "label_smoothing": loss_config.label_smoothing, "robust": loss_config.robust},
-        "ipo": {"beta": loss_config.beta, "average_log_probs": loss_config.average_log_probs},
-        "inpo": {"eta": loss_config.eta, "tau": loss_config.tau},
-        "sppo": {"beta": loss_config.beta},
-    }[loss_config.name]
-    return make_loss(loss_config.name, **hyperparameters, sft_weight=loss_config.sft_weight)
+    """The bound per-example loss of the config: only the chosen loss's hyperparameters are passed."""
+    values = to_dict(loss_config)
+    return make_loss(loss_config.name, **{key: values[key] for key in loss_hyperparameters(loss_config.name)})
 
 
 def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dict[str, torch.Tensor]):
