@@ -18,6 +18,7 @@ derived defaults in `resolve(self)` (for example tau = eta/3), called after the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -289,6 +290,8 @@ def _type_name(kind: Any, plural: bool = False) -> str:
         return "one of " + ", ".join(repr(choice) for choice in typing.get_args(kind))
     if dataclasses.is_dataclass(kind):
         return "a mapping"
+    if origin is dict:
+        return "a mapping"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(kind)[0], plural=True)}"
     if origin is tuple:
@@ -321,6 +324,11 @@ def _convert(value: Any, kind: Any, path: tuple[str, ...], origins: _Origins, me
         if value not in typing.get_args(kind) or isinstance(value, bool):
             raise origins.error(path, f"expected {_type_name(kind)}, got {_describe(value)}")
         return value
+    if origin is dict:
+        # A free-form section (e.g. `oracle`), validated by its consumer; only string keys are checked.
+        if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+            raise origins.error(path, f"expected a mapping with string keys, got {_describe(value)}")
+        return copy.deepcopy(dict(value))
     if origin is list:
         if not isinstance(value, list):
             raise origins.error(path, f"expected a list, got {_describe(value)}")
