@@ -1,0 +1,29 @@
+"""`nashalign online --config run.yaml [--set key.path=value ...]`: run or resume the online loop."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (keys: see docs/online.md)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, the value parsed as YAML (repeatable), e.g. --set run.iterations=2",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from nashalign.config import load_config
+    from nashalign.online import OnlineConfig, format_summary_table, run_online
+
+    config = load_config(OnlineConfig, args.config, args.overrides)
+    result = run_online(config)
+    print(format_summary_table(result.summaries))
+    print(f"final model: {result.final_model}")
+    print(f"run directory: {result.run_dir}")
+    return 0
