@@ -551,38 +551,56 @@ def test_bad_length_arguments(tiny_tokenizer, kwargs, match):
         tokenize_records([], tiny_tokenizer, **kwargs)
 
 
-def test_tokenization_matches_trl(tiny_tokenizer):
+def test_tokenization_and_truncation_match_trl(tiny_tokenizer):
     """Against a reference no one here wrote: TRL's DPOTrainer dataset preparation gives the same
     prompt/chosen/rejected ids (standard, boundary merge, EOS already present, conversational with
-    keep_after_eos=True, implicit prompt)."""
+    keep_after_eos=True, implicit prompt); with max_length only, TRL's drop of prompts that fill
+    max_length plus its collator's keep_start truncation give the same batch as ours."""
     pytest.importorskip("trl")
     from types import SimpleNamespace
 
     import datasets
-    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
     standard = [
         {"prompt": "What is the capital of France?", "chosen": " Paris", "rejected": " London</s>"},
         {"prompt": "What is the capital of France? ", "chosen": "Paris", "rejected": "London"},
+        {"prompt": "Explain gradient descent.", "chosen": " It moves downhill.", "rejected": " No"},
+        {"prompt": "Numbers:", "chosen": " 1 2 3 4 5 6 7", "rejected": " no"},
     ]
     conversational = [
         {"prompt": [user("Hi")], "chosen": [assistant("yes")], "rejected": [assistant("no")]},
         {"prompt": [user("Sea?")], "chosen": [assistant("blue")], "rejected": [assistant("wide and blue")]},
     ]
     implicit = [{"chosen": [user("Hi"), assistant("yes")], "rejected": [user("Hi"), assistant("no")]}]
-    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
-    for rows, keep in ((standard, False), (conversational, True), (implicit, True)):
-        reference = DPOTrainer._prepare_dataset(
-            SimpleNamespace(_tokenizer=tiny_tokenizer),
-            datasets.Dataset.from_list(rows),
-            tiny_tokenizer,
-            args,
-            "t",
+
+    def trl_examples(rows, max_length):
+        args = SimpleNamespace(dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start")
+        this = SimpleNamespace(_tokenizer=tiny_tokenizer)
+        return list(
+            DPOTrainer._prepare_dataset(this, datasets.Dataset.from_list(rows), tiny_tokenizer, args, "t")
         )
+
+    for rows, keep in ((standard, False), (conversational, True), (implicit, True)):
         pairs, _ = tokenize_records(load_records(rows), tiny_tokenizer, keep_after_eos=keep)
         assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs] == [
-            (r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in reference
+            (r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trl_examples(rows, None)
         ]
+
+    max_length = 7  # drops records 0 and 1 (7-token prompts), truncates responses of the others
+    pairs, report = tokenize_records(load_records(standard), tiny_tokenizer, max_length=max_length)
+    reference = trl_examples(standard, max_length)
+    # records 2 and 3 have 4- and 2-token prompts: both chosen are cut, and the rejected of record 2
+    # ([Ġ, N, o, </s>], 4 > 7 - 4) too; record 3's rejected ([Ġno, </s>]) fits.
+    assert len(reference) == len(pairs) == 2 and report.dropped == ["records[0]", "records[1]"]
+    assert (report.truncated_chosen, report.truncated_rejected) == (2, 1)
+    assert tiny_tokenizer.convert_ids_to_tokens(pairs[1].rejected_ids) == ["Ġno", "</s>"]
+    pad = tiny_tokenizer.pad_token_id
+    trl_batch = DataCollatorForPreference(pad_token_id=pad, max_length=max_length)(reference)
+    ours = collate_pairs(pairs, pad)
+    assert torch.equal(ours["input_ids"], trl_batch["input_ids"])
+    assert torch.equal(ours["attention_mask"], trl_batch["attention_mask"])
+    assert torch.equal(ours["response_mask"], trl_batch["completion_mask"].bool())
 
 
 # ---------------------------------------------------------------- collation and hashing

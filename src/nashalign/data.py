@@ -198,10 +198,12 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
     if record.is_conversational:
         if not getattr(tokenizer, "chat_template", None):
             raise _RecordError("prompt", "conversational record, but the tokenizer has no chat template")
-        prompt_ids = _chat_ids(tokenizer, record.prompt, add_generation_prompt=True)
+        prompt_ids = _chat_ids(tokenizer, record.prompt, add_generation_prompt=True, field_name="prompt")
         responses = []
         for key in ("chosen", "rejected"):
-            full_ids = _chat_ids(tokenizer, record.prompt + getattr(record, key), add_generation_prompt=False)
+            full_ids = _chat_ids(
+                tokenizer, record.prompt + getattr(record, key), add_generation_prompt=False, field_name=key
+            )
             if full_ids[: len(prompt_ids)] != prompt_ids:
                 raise _RecordError(
                     key,
@@ -228,13 +230,15 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
     return prompt_ids, responses[0], responses[1], merged
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> list[int]:
+def _chat_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool, field_name: str
+) -> list[int]:
     try:
         encoded = tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
         )
     except Exception as error:  # a template may raise anything (jinja2 errors, raise_exception(...))
-        raise _RecordError("prompt", f"the chat template failed: {type(error).__name__}: {error}") from None
+        raise _RecordError(field_name, f"the chat template failed: {type(error).__name__}: {error}") from None
     return list(encoded["input_ids"])
 
 
@@ -310,6 +314,10 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[str
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
+    if pad_token_id is None:
+        raise ValueError(
+            "collate_pairs needs a pad_token_id (the tokenizer's pad token, or its EOS if it has none)"
+        )
     rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
     width = max(len(row) for row in rows)

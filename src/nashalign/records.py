@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,10 @@ class RecordReport:
 
 
 def format_problems(problems: list[Problem], header: str) -> str:
-    """`header`, then the first MAX_LISTED_PROBLEMS problems one per line, then how many were left out."""
+    """One problem: `header` and the problem on one line. More: `header`, then the first
+    MAX_LISTED_PROBLEMS problems one per line, then how many were left out."""
+    if len(problems) == 1:
+        return f"{header} {problems[0]}"
     lines = [header, *(f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS])]
     if len(problems) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
@@ -389,7 +391,7 @@ def _check_encodable(text: str, where: str, key: str) -> list[Problem]:
 def _check_unit_interval(value: Any, where: str, key: str) -> list[Problem]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return [Problem(where, key, f"expected a number in [0, 1], got {_type_name(value)}")]
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+    if not 0.0 <= value <= 1.0:  # also rejects NaN and infinities
         return [Problem(where, key, f"expected a number in [0, 1], got {value}")]
     return []
 
