@@ -372,6 +372,24 @@ def test_string_records_get_exactly_one_eos(tiny_tokenizer):
     assert report.boundary_merges == 0 and report.kept == 2
 
 
+def test_bos_comes_from_the_tokenizer_once(tiny_tokenizer):
+    """A tokenizer whose post-processor adds BOS ("<s> $A"): the prompt starts with exactly one BOS and
+    the responses contain none (they are cut from the BOS-prefixed prompt + response ids)."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    bos = tok.bos_token_id
+    (pair,), _ = tokenize_records(
+        load_records([{"prompt": "Hi there", "chosen": " yes", "rejected": " no"}]), tok
+    )
+    assert pair.prompt_ids == [bos] + _ids(tiny_tokenizer, "Hi there")
+    assert pair.chosen_ids == _ids(tiny_tokenizer, " yes") + [tok.eos_token_id]
+    assert bos not in pair.chosen_ids + pair.rejected_ids
+
+
 def test_boundary_merge_is_counted_and_matches_trl_convention(tiny_tokenizer):
     """Prompt "...France? " ends with the token 'Ġ', which merges with "Paris" into 'ĠParis': the prompt
     is cut to the common prefix (without 'Ġ') and the response starts with 'ĠParis'."""
