@@ -1,0 +1,349 @@
+"""Tabular algorithms on finite games, checked against theory.
+
+The claims of the project's core issue are tested on 24 random intransitive 10-response games
+(lower triangle ~ U(0, 1), reference logits ~ N(0, 1)), all run at once as one batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from scipy.optimize import minimize
+
+from nashalign import NashalignError
+from nashalign import games as g
+from nashalign import tabular as tb
+from nashalign.losses import ipo
+
+GAMES, ACTIONS = 24, 10
+
+
+@pytest.fixture(scope="module")
+def random_games():
+    rng = np.random.default_rng(2024)
+    return g.random_intransitive(ACTIONS, rng, GAMES), g.random_reference(ACTIONS, rng, GAMES)
+
+
+@pytest.fixture(scope="module")
+def plain_inpo_small_tau(random_games):
+    """Closed-form INPO, τ = 0.01, fixed η = 0.5, 2,000 iterations (shared by two tests)."""
+    P, ref = random_games
+    return tb.run_algorithm("inpo", P, ref, tau=0.01, eta=0.5, iterations=2000)
+
+
+def _all_ordered_pairs(P: np.ndarray, policy: np.ndarray):
+    """Every (chosen, rejected) pair with its probability under sampling y, y' ~ π × π and labelling
+    by the oracle: (w, l) arises from (w, l) when w wins and from (l, w) when w wins, 2·π(w)π(l)P[w, l]."""
+    batch, n = policy.shape
+    chosen, rejected = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    weights = 2 * policy[:, :, None] * policy[:, None, :] * P
+    return (
+        np.broadcast_to(chosen.reshape(-1), (batch, n * n)),
+        np.broadcast_to(rejected.reshape(-1), (batch, n * n)),
+        weights.reshape(batch, -1),
+    )
+
+
+def _maximizes(objective, best: np.ndarray, rng: np.random.Generator) -> bool:
+    """objective(best) beats multiplicative perturbations of `best` that stay on the simplex."""
+    value = objective(best)
+    for scale in (0.1, 1e-3):
+        for _ in range(10):
+            other = best * np.exp(scale * rng.standard_normal(best.shape))
+            other /= other.sum(-1, keepdims=True)
+            if not (objective(other) < value).all():
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# The INPO loss and the OMD step
+
+
+@pytest.mark.parametrize(("eta", "tau"), [(0.3, 0.1), (1.0, 0.0), (0.05, 0.01), (2.0, 1.5), (0.5, 0.49)])
+def test_minimizer_of_the_expected_inpo_loss_is_the_omd_step(random_games, eta, tau):
+    """Design notes §1. With labels I ~ Bernoulli(P[y, y']) and d = g(y) − g(y'),
+    g = θ − (τ/η)·log ρ − (1 − τ/η)·log π_t, the expected loss of a sampled pair is
+    P·(d − c)² + (1 − P)·(−d − c)² = (d − c·(2P − 1))² + const, c = 1/(2η): a least-squares regression of
+    g(y) − g(y') on (P[y, y'] − ½)/η over y, y' ~ π_t. Its normal equations give
+    g(a) = E_π_t g + (P(a ≻ π_t) − ½)/η, i.e. θ = (1 − τ/η)·log π_t + (τ/η)·log ρ + P(· ≻ π_t)/η + const:
+    the OMD step. Checked by minimizing `nashalign.losses.inpo` over all weighted pairs."""
+    P, ref = random_games
+    log_policy = np.log(np.random.default_rng(11).dirichlet(np.ones(ACTIONS), GAMES))
+    chosen, rejected, weights = _all_ordered_pairs(P, np.exp(log_policy))
+    fitted = tb.fit_inpo(np.log(ref), log_policy, chosen, rejected, weights, tau=tau, eta=eta)
+    omd = tb.inpo_step(P, np.log(ref), log_policy, log_policy, tau=tau, eta=eta, samples=0, rng=None)
+    assert np.abs(np.exp(fitted) - np.exp(omd)).max() < 1e-6
+
+
+def test_fit_inpo_on_samples_reaches_the_least_squares_minimizer(random_games):
+    """On sampled pairs the INPO loss is Σ_i (θ_w − θ_l − y_i)², y_i = 1/(2η) + (τ/η)·Δlog ρ + (1 − τ/η)·Δlog π_t:
+    linear least squares in θ. The minimizer nearest to the start θ = log π_t is θ + lstsq(X, y − Xθ)
+    (minimum-norm correction, numpy), which conjugate gradients from θ must reproduce; responses in no
+    pair keep their logits relative to each other."""
+    P, ref = random_games
+    rng = np.random.default_rng(12)
+    log_policy = np.log(rng.dirichlet(np.full(ACTIONS, 0.3), GAMES))
+    chosen, rejected = tb.sample_pairs(P, log_policy, 300, rng)
+    eta, tau = 0.3, 0.1
+    fitted = tb.fit_inpo(
+        np.log(ref), log_policy, chosen, rejected, np.full(chosen.shape, 1 / 300), tau=tau, eta=eta
+    )
+    ratio, log_ref = tau / eta, np.log(ref)
+    for k in range(GAMES):
+        rows = np.arange(300)
+        X = np.zeros((300, ACTIONS))
+        X[rows, chosen[k]] += 1
+        X[rows, rejected[k]] -= 1
+        y = (
+            1 / (2 * eta)
+            + ratio * (log_ref[k, chosen[k]] - log_ref[k, rejected[k]])
+            + (1 - ratio) * (log_policy[k, chosen[k]] - log_policy[k, rejected[k]])
+        )
+        theta = log_policy[k] + np.linalg.lstsq(X, y - X @ log_policy[k], rcond=None)[0]
+        assert_allclose(np.exp(fitted[k]), np.exp(theta - g.logsumexp(theta)), atol=1e-10)
+        unseen = np.setdiff1d(np.arange(ACTIONS), np.concatenate([chosen[k], rejected[k]]))
+        if len(unseen) >= 2:
+            assert_allclose(np.diff(fitted[k, unseen]), np.diff(log_policy[k, unseen]), atol=1e-10)
+
+
+def test_sample_pairs_follows_policy_and_oracle():
+    """(w, l) with w ≠ l has probability 2·π(w)π(l)·P[w, l]; (y, y) has π(y)². 200,000 pairs: 5σ ≤ 0.006."""
+    P = np.array([[0.5, 0.9, 0.2], [0.1, 0.5, 0.6], [0.8, 0.4, 0.5]])
+    policy = np.array([0.5, 0.3, 0.2])
+    chosen, rejected = tb.sample_pairs(P, np.log(policy), 200_000, np.random.default_rng(0))
+    frequency = np.zeros((3, 3))
+    np.add.at(frequency, (chosen, rejected), 1 / 200_000)
+    expected = 2 * policy[:, None] * policy[None, :] * P
+    np.fill_diagonal(expected, policy**2)
+    assert_allclose(frequency, expected, atol=0.006)
+    batched = tb.sample_pairs(
+        np.stack([P, P]), np.log(np.stack([policy, policy])), 7, np.random.default_rng(0)
+    )
+    assert batched[0].shape == (2, 7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The other steps, each against an independent characterization
+
+
+def test_bradley_terry_fit_matches_a_generic_optimizer_and_recovers_scores():
+    """The MAP objective minimized by scipy (BFGS) gives the same rewards; with 100,000 comparisons of a
+    Bradley–Terry oracle, the rewards are the true scores up to a constant (the prior is negligible)."""
+    scores = np.array([0.0, 1.0, -0.5, 2.0])
+    P = g.bradley_terry(scores)
+    rng = np.random.default_rng(3)
+    log_uniform = np.log(np.full(4, 0.25))
+    chosen, rejected = tb.sample_pairs(P, log_uniform, 60, rng)
+    reward = tb.fit_bradley_terry(chosen, rejected, 4)
+
+    def objective(r):
+        return np.sum(np.logaddexp(0, -(r[chosen] - r[rejected]))) + 0.5 * np.sum(r * r)
+
+    reference = minimize(objective, np.zeros(4), method="BFGS", options={"gtol": 1e-10}).x
+    assert_allclose(reward, reference, atol=1e-6)
+    assert abs(reward.sum()) < 1e-9
+    chosen, rejected = tb.sample_pairs(P, log_uniform, 100_000, rng)
+    reward = tb.fit_bradley_terry(chosen, rejected, 4)
+    assert_allclose(reward - reward.mean(), scores - scores.mean(), atol=0.05)
+
+
+def test_iterative_dpo_step_on_a_bradley_terry_game_is_exp_reward_over_eta():
+    """With a Bradley–Terry oracle of scores s and many comparisons, r̂ → s + const, so the step from π_t
+    is π_t·exp(s/η) normalized (DPO's β = η)."""
+    scores = np.array([0.0, 0.5, 1.0])
+    P = g.bradley_terry(scores)
+    log_policy = np.log(np.array([0.5, 0.3, 0.2]))
+    rng = np.random.default_rng(4)
+    step = tb.iterative_dpo_step(
+        P, np.log(np.full(3, 1 / 3)), log_policy, log_policy, tau=0.1, eta=2.0, samples=100_000, rng=rng
+    )
+    assert_allclose(np.exp(step), g.softmax(log_policy + scores / 2.0), atol=0.01)
+
+
+def test_closed_form_steps_are_the_argmax_of_their_proximal_objectives(random_games):
+    """INPO: argmax_π E_π[w] − τ·KL(π‖ρ) − (η − τ)·KL(π‖π_t), with w = P(· ≻ π_t).
+    SPPO: argmax_π E_π[w] − η·KL(π‖π_t). Nash-MD: argmax_π E_π[P(· ≻ μ)] − η·KL(π‖μ), μ ∝ π_t^(1−τ/η)ρ^(τ/η)."""
+    P, ref = random_games
+    rng = np.random.default_rng(5)
+    log_policy = np.log(rng.dirichlet(np.ones(ACTIONS), GAMES))
+    policy, log_ref = np.exp(log_policy), np.log(ref)
+    tau, eta = 0.1, 0.3
+    w = tb.win_rates(P, log_policy)
+    kwargs = {"tau": tau, "eta": eta, "samples": 0, "rng": None}
+    inpo = np.exp(tb.inpo_step(P, log_ref, log_policy, log_policy, **kwargs))
+    assert _maximizes(
+        lambda q: (q * w).sum(-1) - tau * g.kl_divergence(q, ref) - (eta - tau) * g.kl_divergence(q, policy),
+        inpo,
+        rng,
+    )
+    sppo = np.exp(tb.sppo_step(P, log_ref, log_policy, log_policy, **kwargs))
+    assert _maximizes(lambda q: (q * w).sum(-1) - eta * g.kl_divergence(q, policy), sppo, rng)
+    mixture = g.softmax((1 - tau / eta) * log_policy + (tau / eta) * log_ref)
+    w_mixture = tb.win_rates(P, np.log(mixture))
+    nash_md = np.exp(tb.nash_md_step(P, log_ref, log_policy, log_policy, **kwargs))
+    assert _maximizes(lambda q: (q * w_mixture).sum(-1) - eta * g.kl_divergence(q, mixture), nash_md, rng)
+
+
+def test_online_ipo_step_is_a_gradient_step_on_the_expected_ipo_loss(random_games):
+    """Online IPO: θ_{t+1} = θ_t − (1/η)·(τ/4)·∇_θ E[IPO loss], β = τ, pairs from sg(π_t) labelled by
+    the oracle, the expectation computed over all weighted pairs with `nashalign.losses.ipo` (summed
+    log-probs) and differentiated by autograd."""
+    P, ref = random_games
+    log_policy = np.log(np.random.default_rng(6).dirichlet(np.ones(ACTIONS), GAMES))
+    tau, eta = 0.1, 0.3
+    chosen, rejected, weights = (
+        torch.as_tensor(np.ascontiguousarray(a)) for a in _all_ordered_pairs(P, np.exp(log_policy))
+    )
+    theta = torch.tensor(log_policy, requires_grad=True)
+    log_pi, log_ref = torch.log_softmax(theta, -1), torch.tensor(np.log(ref))
+    losses = ipo(
+        policy_chosen_logps=log_pi.gather(1, chosen).reshape(-1),
+        policy_rejected_logps=log_pi.gather(1, rejected).reshape(-1),
+        ref_chosen_logps=log_ref.gather(1, chosen).reshape(-1),
+        ref_rejected_logps=log_ref.gather(1, rejected).reshape(-1),
+        beta=tau,
+        average_log_probs=False,
+    )
+    (gradient,) = torch.autograd.grad((losses.reshape(weights.shape) * weights).sum(), theta)
+    expected = g.log_softmax(log_policy - (tau / 4) * gradient.numpy() / eta)
+    step = tb.online_ipo_step(P, np.log(ref), log_policy, log_policy, tau=tau, eta=eta, samples=0, rng=None)
+    assert_allclose(step, expected, atol=1e-12)
+
+
+def test_regularized_nash_is_a_fixed_point_of_inpo_optimistic_inpo_and_online_ipo(random_games):
+    P, ref = random_games
+    tau, eta = 0.1, 0.3
+    log_nash = np.log(g.nash_policy(P, ref, tau))
+    for step in (tb.inpo_step, tb.inpo_optimistic_step, tb.online_ipo_step):
+        out = step(P, np.log(ref), log_nash, log_nash, tau=tau, eta=eta, samples=0, rng=None)
+        assert_allclose(np.exp(out), np.exp(log_nash), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Convergence claims on 24 random intransitive games
+
+
+def test_closed_form_inpo_gap_below_1e6_by_iteration_100(random_games):
+    """τ = 0.1, τ/η = 1/3 (η = 0.3): every game, not only the median."""
+    P, ref = random_games
+    run = tb.run_algorithm("inpo", P, ref, tau=0.1, eta=0.3, iterations=100)
+    assert run.duality_gap[:, 100].max() < 1e-6
+    assert_allclose(run.policy, g.nash_policy(P, ref, 0.1), atol=1e-4)
+
+
+def test_sampled_inpo_below_1e2_by_iteration_30_and_iterative_dpo_is_10x_worse(random_games):
+    """1,000 sampled, oracle-labelled pairs per iteration, τ = 0.1, η = 0.3, medians over the games."""
+    P, ref = random_games
+    kwargs = {"tau": 0.1, "eta": 0.3, "iterations": 30, "samples": 1000}
+    sampled = tb.run_algorithm("inpo-sampled", P, ref, rng=np.random.default_rng(1), **kwargs)
+    dpo = tb.run_algorithm("iterative-dpo", P, ref, rng=np.random.default_rng(2), **kwargs)
+    sampled_median = np.median(sampled.duality_gap[:, 30])
+    assert sampled_median < 1e-2
+    assert np.median(dpo.duality_gap[:, 30]) >= 10 * sampled_median
+    assert np.median(dpo.duality_gap[:, 30] / sampled.duality_gap[:, 30]) >= 10
+
+
+def test_small_tau_fixed_step_cycles_and_theory_schedule_converges(random_games, plain_inpo_small_tau):
+    """τ = 0.01: with a fixed step (η = 0.5) the gap keeps oscillating in most games; with
+    η_t = τ(t+2)/2 the median gap after 2,000 iterations is below 0.05 and still falling."""
+    P, ref = random_games
+    fixed = plain_inpo_small_tau.duality_gap
+    tail = fixed[:, -200:]
+    assert np.median(tail.max(1) - tail.min(1)) > 0.1  # oscillation over the last 200 iterations
+    theory = tb.run_algorithm(
+        "inpo", P, ref, tau=0.01, eta=0.5, iterations=2000, schedule="theory"
+    ).duality_gap
+    medians = np.median(theory[:, [500, 1000, 1500, 2000]], axis=0)
+    assert medians[-1] < 0.05
+    assert (np.diff(medians) < 0).all()
+
+
+def test_condorcet_game_cycles_with_a_fixed_step_at_small_tau():
+    """The built-in game, τ = 0.01, η = 0.03: the iterate goes round the cycle A → B → C and its gap
+    repeats instead of shrinking."""
+    game = g.condorcet_game()
+    gaps = tb.run_algorithm("inpo", game.P, game.reference, tau=0.01, eta=0.03, iterations=300).duality_gap
+    assert gaps[-60:].min() > 0.3
+    assert gaps[-60:].max() - gaps[-60:].min() > 0.01
+
+
+def test_optimistic_inpo_converges_where_plain_inpo_does_not(random_games, plain_inpo_small_tau):
+    """τ = 0.01, η = 0.5, 2,000 iterations: optimistic median gap < 1e-8, plain median gap > 0.1."""
+    P, ref = random_games
+    optimistic = tb.run_algorithm("inpo-optimistic", P, ref, tau=0.01, eta=0.5, iterations=2000)
+    assert np.median(optimistic.duality_gap[:, 2000]) < 1e-8
+    assert np.median(plain_inpo_small_tau.duality_gap[:, 2000]) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runner
+
+
+def test_runner_shapes_start_and_schedule():
+    game = g.condorcet_game()
+    runs = tb.run_algorithms(
+        list(tb.ALGORITHMS), game.P, game.reference, tau=0.1, eta=0.3, iterations=5, samples=50
+    )
+    assert list(runs) == list(tb.ALGORITHMS)
+    for run in runs.values():
+        assert run.duality_gap.shape == (6,) and run.policy.shape == (5,)
+        assert_allclose(run.duality_gap[0], g.duality_gap(game.P, game.reference, game.reference, 0.1))
+        assert_allclose(run.policy.sum(), 1.0)
+        assert_allclose(run.duality_gap[-1], g.duality_gap(game.P, game.reference, run.policy, 0.1))
+    assert_allclose(tb.step_schedule("theory", tau=0.1, eta=9.0, iterations=3), [0.15, 0.2, 0.25])
+    assert_allclose(tb.step_schedule("fixed", tau=0.1, eta=0.3, iterations=2), [0.3, 0.3])
+
+
+def test_runner_is_reproducible_and_independent_of_the_other_algorithms():
+    game = g.condorcet_game()
+    kwargs = {"tau": 0.1, "eta": 0.3, "iterations": 4, "samples": 100, "seed": 7}
+    both = tb.run_algorithms(["iterative-dpo", "inpo-sampled"], game.P, game.reference, **kwargs)
+    alone = tb.run_algorithms(["inpo-sampled"], game.P, game.reference, **kwargs)
+    assert np.array_equal(both["inpo-sampled"].duality_gap, alone["inpo-sampled"].duality_gap)
+    other_seed = tb.run_algorithms(["inpo-sampled"], game.P, game.reference, **{**kwargs, "seed": 8})
+    assert not np.array_equal(other_seed["inpo-sampled"].policy, alone["inpo-sampled"].policy)
+
+
+def test_batched_games_equal_separate_runs(random_games):
+    P, ref = random_games
+    for name in ("inpo", "inpo-optimistic", "online-ipo", "nash-md", "sppo"):
+        batch = tb.run_algorithm(name, P[:3], ref[:3], tau=0.1, eta=0.3, iterations=20)
+        for k in range(3):
+            single = tb.run_algorithm(name, P[k], ref[k], tau=0.1, eta=0.3, iterations=20)
+            assert_allclose(batch.duality_gap[k], single.duality_gap, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"algorithms": ["inpo", "dpo"]}, "unknown algorithm 'dpo'"),
+        ({"algorithms": []}, "no algorithm given"),
+        ({"tau": 0.3}, r"tau must be < eta \(0 <= tau/eta < 1\), got tau=0.3, eta=0.3"),
+        ({"tau": 0.0}, "tau must be a finite number > 0"),
+        ({"eta": float("nan")}, "eta must be a finite number > 0"),
+        ({"schedule": "cosine"}, "unknown schedule 'cosine'"),
+        ({"iterations": 0}, "iterations must be an integer >= 1"),
+        ({"samples": 0}, "samples must be an integer >= 1"),
+    ],
+)
+def test_check_settings_rejects_bad_values(kwargs, match):
+    settings = {
+        "algorithms": ["inpo"],
+        "tau": 0.1,
+        "eta": 0.3,
+        "iterations": 10,
+        "schedule": "fixed",
+        "samples": 10,
+    }
+    settings.update(kwargs)
+    algorithms = settings.pop("algorithms")
+    with pytest.raises(NashalignError, match=match):
+        tb.check_settings(algorithms, **settings)
+
+
+def test_theory_schedule_allows_tau_above_eta():
+    """Under `theory` the step sizes come from τ alone, so --eta is not checked against τ."""
+    tb.check_settings(["inpo"], tau=0.5, eta=0.1, iterations=1, schedule="theory", samples=1)
