@@ -289,25 +289,13 @@ def parse_record(row: Any, where: str) -> tuple[PreferenceRecord | None, list[Pr
         if len(set(kinds.values())) > 1:
             return None, [_mixed_layout_problem(where, kinds)], []
     else:
-        if isinstance(chosen, list) != isinstance(rejected, list):
-            return (
-                None,
-                [_mixed_layout_problem(where, {k: isinstance(row[k], list) for k in ("chosen", "rejected")})],
-                [],
-            )
+        kinds = {key: isinstance(row[key], list) for key in ("chosen", "rejected")}
+        if kinds["chosen"] != kinds["rejected"]:
+            return None, [_mixed_layout_problem(where, kinds)], []
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
         if not prompt:
-            return (
-                None,
-                [
-                    Problem(
-                        where,
-                        "prompt",
-                        "missing, and chosen and rejected share no prefix to use as the prompt",
-                    )
-                ],
-                [],
-            )
+            message = "missing, and chosen and rejected share no prefix to use as the prompt"
+            return None, [Problem(where, "prompt", message)], []
 
     for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         problems.extend(_check_nonempty(value, where, key, is_response=key != "prompt"))
@@ -317,9 +305,8 @@ def parse_record(row: Any, where: str) -> tuple[PreferenceRecord | None, list[Pr
         prompt, chosen, rejected = (_clean_messages(m) for m in (prompt, chosen, rejected))
     warnings = []
     if chosen == rejected:
-        warnings.append(
-            Problem(where, "rejected", "identical to chosen (the pair carries no preference signal)")
-        )
+        message = "identical to chosen (the pair carries no preference signal)"
+        warnings.append(Problem(where, "rejected", message))
     extra = {key: value for key, value in row.items() if key not in TEXT_FIELDS}
     return PreferenceRecord(prompt, chosen, rejected, where, extra), [], warnings
 
