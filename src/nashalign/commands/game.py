@@ -103,18 +103,20 @@ def shown_iterations(iterations: int) -> list[int]:
 
 
 def trend(gaps: np.ndarray, sampled: bool) -> str:
-    """A one-word reading of the last quarter of a gap curve.
+    """A one-word reading of a gap curve, from its third and last quarters (envelopes, because a
+    converging gap may still oscillate).
 
-    converged: final gap ≤ 1e-9; falling: it ended at most half of where the quarter started, never
-    rising more than 5%; cycling (noisy, for sampled algorithms): it varies by more than 1% of its
-    maximum without falling; flat: it settled at a point that is not the regularized Nash policy.
+    converged: final gap ≤ 1e-9; falling: the last quarter's maximum is at most 0.8× the third
+    quarter's (0.5× for sampled algorithms, whose noise alone moves it); cycling (noisy, for sampled algorithms): otherwise, if the last quarter varies by more
+    than 1% of its maximum; flat: it settled at a point that is not the regularized Nash policy.
     """
     if gaps[-1] <= 1e-9:
         return "converged"
-    tail = gaps[(3 * (len(gaps) - 1)) // 4 :]
-    if gaps[-1] <= 0.5 * tail[0] and tail.max() <= 1.05 * tail[0]:
+    quarter = max((len(gaps) - 1) // 4, 1)
+    last, third = gaps[-quarter - 1 :], gaps[-2 * quarter - 1 : -quarter]
+    if last.max() <= (0.5 if sampled else 0.8) * third.max():
         return "falling"
-    if tail.max() - tail.min() > 0.01 * tail.max():
+    if last.max() - last.min() > 0.01 * last.max():
         return "noisy" if sampled else "cycling"
     return "flat"
 
