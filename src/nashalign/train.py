@@ -128,7 +128,10 @@ def _prepare_policy(model, config: TrainConfig, resume_from: Path | None):
     """Gradient checkpointing, dropout off, LoRA adapters (fresh or from the checkpoint)."""
     model.config.use_cache = False
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.model.lora
     if lora is not None:
         import peft
@@ -415,7 +418,8 @@ def train_pairs(
                 state["step_in_epoch"] += 1
                 state["global_step"] += 1
                 state["tokens"] += int(metrics.pop("_tokens"))
-                if state["step_in_epoch"] == steps_per_epoch:
+                epoch_done = state["step_in_epoch"] == steps_per_epoch
+                if epoch_done:  # the data position is saved as (next epoch, 0)
                     state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
                 step = state["global_step"]
                 metrics = {"step": step, "epoch": step / steps_per_epoch, "tokens": state["tokens"], **metrics}
@@ -430,6 +434,8 @@ def train_pairs(
                     last_checkpoint = save(step) or last_checkpoint
                 if callback is not None:
                     callback(step, metrics)
+                if epoch_done:
+                    break  # a new permutation for the next epoch
         if last_checkpoint is None or checkpoint.load_trainer_state(last_checkpoint)["global_step"] < total_steps:
             last_checkpoint = save(state["global_step"]) or last_checkpoint
     finally:
