@@ -262,7 +262,7 @@ def test_the_api_key_never_leaks(server, tmp_path, caplog, monkeypatch):
     with pytest.raises(NashalignError, match=r"HTTP 401 .*not retried: check base_url, model and the key in \$NASHALIGN_TEST_JUDGE_KEY"):
         wrong.prob(["p"], ["a"], ["b"])
     monkeypatch.delenv("NASHALIGN_TEST_JUDGE_KEY")
-    with pytest.raises(NashalignError, match=r"oracle\.api_key_env: the environment variable NASHALIGN_TEST_JUDGE_KEY is not set"):
+    with pytest.raises(NashalignError, match=r"oracle: api_key_env: the environment variable NASHALIGN_TEST_JUDGE_KEY is not set"):
         build_oracle(_spec(server, tmp_path))
 
 
@@ -314,13 +314,14 @@ def test_cache_drops_a_record_cut_short_and_rejects_corruption(server, tmp_path)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"base_url": "ftp://127.0.0.1/v1"}, r"oracle\.base_url: expected an http:// or https:// URL"),
-        ({"mode": "vote"}, r"oracle\.mode: expected one of logprobs, text"),
-        ({"template": "{prompt} {first}"}, r"oracle\.template: the template must use exactly"),
-        ({"labels": ["A", "A"]}, r"oracle\.labels: expected two different non-empty labels"),
-        ({"concurrency": 0}, r"oracle\.concurrency: expected an integer ≥ 1"),
-        ({"timeout": 0}, r"oracle\.timeout: expected a non-negative number"),
-        ({"api_key": "inline"}, r"oracle\.api_key: unknown key"),
+        ({"base_url": "ftp://127.0.0.1/v1"}, r"oracle: base_url: expected an http:// or https:// URL, got 'ftp://127.0.0.1/v1'"),
+        ({"mode": "vote"}, r"oracle: mode: expected one of 'logprobs', 'text', got 'vote'"),
+        ({"template": "{prompt} {first}"}, r"oracle: template: the template must use exactly \{first\}, \{prompt\}, \{second\}"),
+        ({"labels": ["A", "A"]}, r"oracle: labels: expected two different non-empty labels"),
+        ({"concurrency": 0}, r"oracle: concurrency: expected an integer >= 1, got 0"),
+        ({"timeout": 0}, r"oracle: timeout: expected a float > 0, got 0"),
+        ({"top_logprobs": 21}, r"oracle: top_logprobs: expected an integer >= 1 and <= 20, got 21"),
+        ({"api_key": "inline"}, r"oracle: api_key: unknown key"),
     ],
 )
 def test_config_errors(server, tmp_path, overrides, message):

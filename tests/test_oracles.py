@@ -99,19 +99,21 @@ def test_game_rejects_a_matrix_that_is_not_a_preference():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"type": "game", "responses": ["a"], "P": [[0.5]], "colour": 1}, r"oracle\.colour: unknown key"),
-        ({"type": "chess"}, r"oracle\.type: expected one of game, python, labels, reward_model"),
-        ({"responses": ["a"]}, r"oracle\.type: expected one of"),
-        ({"type": "game", "responses": ["a", "b"], "P": [[0.5, 0.5], [0.5, 0.5]], "strip": "yes"}, r"oracle\.strip: expected bool"),
-        ({"type": "game", "responses": "ab", "P": [[0.5]]}, r"oracle\.responses: expected"),
-        ({"type": "python"}, r"oracle\.function: missing required key"),
-        ({"type": "python", "function": "no_colon"}, r"oracle\.function: expected 'module:function'"),
+        ({"type": "game", "responses": ["a"], "P": [[0.5]], "colour": 1}, r"oracle: colour: unknown key \(allowed here: responses, P, path, invalid, strip\)"),
+        ({"type": "chess"}, r"oracle: type: expected one of game, python, labels, reward_model, pair_model, http_judge, got \'chess\'"),
+        ({"responses": ["a"]}, r"oracle: type: expected one of .*, got None"),
+        ({"type": "game", "responses": ["a", "b"], "P": [[0.5, 0.5], [0.5, 0.5]], "strip": "yes"}, r"oracle: strip: expected true or false, got \'yes\'"),
+        ({"type": "game", "responses": "ab", "P": [[0.5]]}, r"oracle: responses: expected a list, got \'ab\'"),
+        ({"type": "game", "responses": ["a", "b"]}, r"oracle: responses: a game oracle needs responses and P, or path"),
+        ({"type": "game", "path": "g.json", "P": [[0.5]]}, r"oracle: path: give either path or responses and P, not both"),
+        ({"type": "python"}, r"oracle: function: required key missing"),
+        ({"type": "python", "function": "no_colon"}, r"oracle: function: expected 'module:function', got 'no_colon'"),
         ({"type": "python", "function": "nashalign_no_such_module:f"}, r"cannot import module 'nashalign_no_such_module'"),
         ({"type": "python", "function": "math:no_such_function"}, r"module 'math' has no attribute 'no_such_function'"),
         ({"type": "python", "function": "math:pi"}, r"'math:pi' is not callable"),
-        ({"type": "reward_model", "path": "/nonexistent/model", "dtype": "float8"}, r"oracle\.dtype: expected one of"),
-        ({"type": "pair_model", "path": "/nonexistent/model", "batch_size": 0}, r"oracle\.batch_size: expected an integer ≥ 1"),
-        ({"type": "reward_model", "path": "/nonexistent/model"}, r"oracle\.path: cannot load a reward_model from '/nonexistent/model'"),
+        ({"type": "reward_model", "path": "/nonexistent/model", "dtype": "float8"}, r"oracle: dtype: expected one of \'auto\', \'float32\', \'bfloat16\', \'float16\', got \'float8\'"),
+        ({"type": "pair_model", "path": "/nonexistent/model", "batch_size": 0}, r"oracle: batch_size: expected an integer >= 1, got 0"),
+        ({"type": "reward_model", "path": "/nonexistent/model"}, r"oracle: path: no model directory '/nonexistent/model'"),
     ],
 )
 def test_build_oracle_errors_name_the_key(spec, message):
@@ -370,9 +372,9 @@ def test_pair_model_is_symmetrized_label_softmax(tiny_model_dir):
 
 
 def test_pair_model_options(tiny_tokenizer, tiny_model):
-    with pytest.raises(NashalignError, match=r"pair_model\.labels: 'Paris is the' is \d+ tokens"):
+    with pytest.raises(NashalignError, match=r"pair_model: labels: 'Paris is the' is \d+ tokens for this tokenizer; each label must be one token"):
         PairModelOracle(tiny_model, tiny_tokenizer, labels=["Paris is the", "B"])
-    with pytest.raises(NashalignError, match=r"pair_model\.template: the template must use exactly \{first\}, \{prompt\}, \{second\}"):
+    with pytest.raises(NashalignError, match=r"pair_model: template: the template must use exactly \{first\}, \{prompt\}, \{second\}"):
         PairModelOracle(tiny_model, tiny_tokenizer, template="{prompt} {first}")
     once = PairModelOracle(tiny_model, tiny_tokenizer, both_orders=False, chat_template=False)
     _assert_symmetric(once, PROMPTS, FIRST, SECOND)

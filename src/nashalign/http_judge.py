@@ -37,11 +37,13 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
 from nashalign import NashalignError
-from nashalign.oracles import Oracle, check_template, parse_config, symmetrized
+from nashalign.config import ConfigFieldError, from_mapping
+from nashalign.oracles import Oracle, parse_config, symmetrized, template_problem
 
 logger = logging.getLogger(__name__)
 
@@ -53,50 +55,45 @@ DEFAULT_TEMPLATE = (
 CACHE_FILE = "judgments.jsonl"
 
 
+def _bounds(default, **bounds):
+    return dataclasses.field(default=default, metadata=bounds)
+
+
 @dataclasses.dataclass(frozen=True)
 class HttpJudgeConfig:
     """base_url: up to and including the API version, e.g. http://127.0.0.1:8000/v1.
     api_key_env: name of the environment variable holding the key (none: no Authorization header).
-    extra_body: more request fields (for example {"seed": 0}), part of the cache key."""
+    extra_body: more request fields (for example {"seed": 0}), part of the cache key.
+    timeout: seconds per network operation (connect, read, write), not for the whole request."""
 
     base_url: str
     model: str
     api_key_env: str | None = None
     template: str = DEFAULT_TEMPLATE
     system: str | None = None
-    mode: str = "logprobs"
+    mode: Literal["logprobs", "text"] = "logprobs"
     labels: list[str] = dataclasses.field(default_factory=lambda: ["A", "B"])
-    top_logprobs: int = 5
-    max_tokens: int = 1
-    temperature: float = 0.0
-    extra_body: dict = dataclasses.field(default_factory=dict)
-    timeout: float = 60.0
-    max_retries: int = 6
-    backoff: float = 1.0
-    backoff_max: float = 60.0
-    concurrency: int = 4
+    top_logprobs: int = _bounds(5, ge=1, le=20)
+    max_tokens: int = _bounds(1, ge=1)
+    temperature: float = _bounds(0.0, ge=0.0)
+    extra_body: dict[str, Any] = dataclasses.field(default_factory=dict)
+    timeout: float = _bounds(60.0, gt=0.0)
+    max_retries: int = _bounds(6, ge=0)
+    backoff: float = _bounds(1.0, ge=0.0)
+    backoff_max: float = _bounds(60.0, ge=0.0)
+    concurrency: int = _bounds(4, ge=1)
     cache_dir: str | None = None
     both_orders: bool = True
-    on_unparsed: str = "tie"
+    on_unparsed: Literal["tie", "error"] = "tie"
 
-
-def _check_config(config: HttpJudgeConfig, where: str) -> None:
-    if not config.base_url.startswith(("http://", "https://")):
-        raise NashalignError(f"{where}.base_url: expected an http:// or https:// URL, got {config.base_url!r}")
-    check_template(config.template, {"prompt", "first", "second"}, f"{where}.template")
-    choices = {"mode": ("logprobs", "text"), "on_unparsed": ("tie", "error")}
-    for key, allowed in choices.items():
-        if getattr(config, key) not in allowed:
-            raise NashalignError(f"{where}.{key}: expected one of {', '.join(allowed)}, got {getattr(config, key)!r}")
-    if len(config.labels) != 2 or config.labels[0] == config.labels[1] or not all(s.strip() for s in config.labels):
-        raise NashalignError(f"{where}.labels: expected two different non-empty labels, got {config.labels}")
-    minimums = {"top_logprobs": 1, "max_tokens": 1, "concurrency": 1, "max_retries": 0}
-    for key, low in minimums.items():
-        if getattr(config, key) < low:
-            raise NashalignError(f"{where}.{key}: expected an integer ≥ {low}, got {getattr(config, key)}")
-    for key in ("timeout", "backoff", "backoff_max", "temperature"):
-        if not getattr(config, key) >= 0.0 or (key == "timeout" and config.timeout == 0.0):
-            raise NashalignError(f"{where}.{key}: expected a non-negative number, got {getattr(config, key)}")
+    def check(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigFieldError("base_url", f"expected an http:// or https:// URL, got {self.base_url!r}")
+        problem = template_problem(self.template, {"prompt", "first", "second"})
+        if problem:
+            raise ConfigFieldError("template", problem)
+        if len(self.labels) != 2 or self.labels[0] == self.labels[1] or not all(s.strip() for s in self.labels):
+            raise ConfigFieldError("labels", f"expected two different non-empty labels, got {self.labels}")
 
 
 class JudgmentCache:
@@ -169,13 +166,12 @@ class HttpJudgeOracle(Oracle):
         import httpx
 
         super().__init__()
-        _check_config(config, where)
-        self.config = config
+        self.config = config = from_mapping(HttpJudgeConfig, dataclasses.asdict(config), source=where)
         headers = {}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env, "")
             if not key:
-                raise NashalignError(f"{where}.api_key_env: the environment variable {config.api_key_env} is not set")
+                raise NashalignError(f"{where}: api_key_env: the environment variable {config.api_key_env} is not set")
             headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.Client(
             base_url=config.base_url.rstrip("/"),

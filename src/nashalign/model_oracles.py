@@ -18,16 +18,20 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from nashalign import NashalignError
-from nashalign.oracles import Oracle, check_template, parse_config, symmetrized
+from nashalign.config import ConfigFieldError
+from nashalign.oracles import Oracle, check_template, parse_config, symmetrized, template_problem
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAIR_TEMPLATE = "[CONTEXT] {prompt} [RESPONSE A] {first} [RESPONSE B] {second} \n"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AT_LEAST_ONE = {"ge": 1}
 
 
 def _resolve_device(device: str) -> str:
@@ -43,14 +47,16 @@ def _load(kind: str, path: str, device: str, dtype: str, where: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise NashalignError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    location = str(Path(path).expanduser())
+    if path.startswith((".", "/", "~")) and not Path(location).is_dir():
+        raise NashalignError(f"{where}: path: no model directory {path!r}")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model_class = AutoModelForSequenceClassification if kind == "reward_model" else AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = model_class.from_pretrained(path, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = model_class.from_pretrained(location, dtype=torch_dtype)
     except (OSError, ValueError) as error:
-        raise NashalignError(f"{where}.path: cannot load a {kind} from {path!r}: {str(error).splitlines()[0]}") from None
+        raise NashalignError(f"{where}: path: cannot load a {kind} from {path!r}: {str(error).splitlines()[0]}") from None
     return model.to(_resolve_device(device)).eval(), tokenizer
 
 
@@ -91,10 +97,10 @@ class RewardModelConfig:
     max_length tokens kept per input; device "auto" | "cpu" | "cuda[:n]"; dtype auto | float32 | ..."""
 
     path: str
-    batch_size: int = 8
-    max_length: int = 2048
+    batch_size: int = dataclasses.field(default=8, metadata=AT_LEAST_ONE)
+    max_length: int = dataclasses.field(default=2048, metadata=AT_LEAST_ONE)
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
 
 
 class RewardModelOracle(Oracle):
@@ -167,11 +173,18 @@ class PairModelConfig:
     template: str = DEFAULT_PAIR_TEMPLATE
     labels: list[str] = dataclasses.field(default_factory=lambda: ["A", "B"])
     chat_template: bool = True
-    batch_size: int = 8
-    max_length: int = 2048
+    batch_size: int = dataclasses.field(default=8, metadata=AT_LEAST_ONE)
+    max_length: int = dataclasses.field(default=2048, metadata=AT_LEAST_ONE)
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     both_orders: bool = True
+
+    def check(self) -> None:
+        problem = template_problem(self.template, {"prompt", "first", "second"})
+        if problem:
+            raise ConfigFieldError("template", problem)
+        if len(self.labels) != 2 or self.labels[0] == self.labels[1]:
+            raise ConfigFieldError("labels", f"expected two different labels, got {self.labels}")
 
 
 class PairModelOracle(Oracle):
@@ -196,15 +209,15 @@ class PairModelOracle(Oracle):
         both_orders: bool = True,
     ):
         super().__init__()
-        self.template = check_template(template, {"prompt", "first", "second"}, "pair_model.template")
+        self.template = check_template(template, {"prompt", "first", "second"}, "pair_model: template")
         if len(labels) != 2 or labels[0] == labels[1]:
-            raise NashalignError(f"pair_model.labels: expected two different labels, got {list(labels)}")
+            raise NashalignError(f"pair_model: labels: expected two different labels, got {list(labels)}")
         self.label_ids = []
         for label in labels:
             ids = tokenizer.encode(label, add_special_tokens=False)
             if len(ids) != 1:
                 raise NashalignError(
-                    f"pair_model.labels: {label!r} is {len(ids)} tokens for this tokenizer; each label must be one token"
+                    f"pair_model: labels: {label!r} is {len(ids)} tokens for this tokenizer; each label must be one token"
                 )
             self.label_ids.append(ids[0])
         self.model, self.tokenizer = model, tokenizer
@@ -250,15 +263,12 @@ class PairModelOracle(Oracle):
 
 def build_reward_model(spec, where: str = "oracle") -> RewardModelOracle:
     config = parse_config(RewardModelConfig, spec, where)
-    _check_sizes(config, where)
     model, tokenizer = _load("reward_model", config.path, config.device, config.dtype, where)
     return RewardModelOracle(model, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
 
 
 def build_pair_model(spec, where: str = "oracle") -> PairModelOracle:
     config = parse_config(PairModelConfig, spec, where)
-    _check_sizes(config, where)
-    check_template(config.template, {"prompt", "first", "second"}, f"{where}.template")
     model, tokenizer = _load("pair_model", config.path, config.device, config.dtype, where)
     return PairModelOracle(
         model,
@@ -271,8 +281,3 @@ def build_pair_model(spec, where: str = "oracle") -> PairModelOracle:
         both_orders=config.both_orders,
     )
 
-
-def _check_sizes(config, where: str) -> None:
-    for key in ("batch_size", "max_length"):
-        if getattr(config, key) < 1:
-            raise NashalignError(f"{where}.{key}: expected an integer ≥ 1, got {getattr(config, key)}")

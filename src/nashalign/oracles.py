@@ -25,20 +25,20 @@ Each oracle counts its work in `counts` (an `OracleCounts`): `comparisons` is th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
 import os
 import string
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from nashalign import NashalignError
+from nashalign.config import ConfigFieldError, from_mapping
 from nashalign.games import load_game, validate_game
 
 
@@ -103,9 +103,9 @@ def check_probabilities(values, size: int, where: str) -> np.ndarray:
         raise NashalignError(f"{where}: returned values that are not numbers ({error})") from None
     if array.shape != (size,):
         raise NashalignError(f"{where}: returned shape {array.shape}, expected ({size},)")
-    if not np.all(np.isfinite(array)) or array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
-        bad = array[~(np.isfinite(array) & (array >= 0.0) & (array <= 1.0))][0]
-        raise NashalignError(f"{where}: returned {float(bad)!r}; probabilities must lie in [0, 1]")
+    valid = np.isfinite(array) & (array >= 0.0) & (array <= 1.0)
+    if not valid.all():
+        raise NashalignError(f"{where}: returned {float(array[~valid][0])!r}; probabilities must lie in [0, 1]")
     return array
 
 
@@ -179,8 +179,14 @@ class GameConfig:
     responses: list[str] | None = None
     P: list[list[float]] | None = None
     path: str | None = None
-    invalid: str = "error"
+    invalid: Literal["error", "worst"] = "error"
     strip: bool = True
+
+    def check(self) -> None:
+        if self.path is not None and (self.responses is not None or self.P is not None):
+            raise ConfigFieldError("path", "give either path or responses and P, not both")
+        if self.path is None and (self.responses is None or self.P is None):
+            raise ConfigFieldError("responses", "a game oracle needs responses and P, or path")
 
 
 class GameOracle(Oracle):
@@ -191,15 +197,15 @@ class GameOracle(Oracle):
     def __init__(self, responses: Sequence[str], P, *, invalid: str = "error", strip: bool = True) -> None:
         super().__init__()
         if invalid not in ("error", "worst"):
-            raise NashalignError(f"game.invalid: expected 'error' or 'worst', got {invalid!r}")
+            raise NashalignError(f"game: invalid: expected 'error' or 'worst', got {invalid!r}")
         self.strip = strip
         self.invalid = invalid
         self.responses = [self._normal(text) for text in responses]
         if len(set(self.responses)) != len(self.responses):
-            raise NashalignError("game.responses: responses must be distinct")
-        self.P, _ = validate_game(P, source="game.P")
+            raise NashalignError("game: responses: responses must be distinct")
+        self.P, _ = validate_game(P, source="game")
         if len(self.P) != len(self.responses):
-            raise NashalignError(f"game.P: is {len(self.P)} × {len(self.P)}, expected one row per response ({len(self.responses)})")
+            raise NashalignError(f"game: P is {len(self.P)} × {len(self.P)}, expected one row per response ({len(self.responses)})")
         self._index = {text: i for i, text in enumerate(self.responses)}
 
     def _normal(self, text: str) -> str:
@@ -232,7 +238,7 @@ class PythonConfig:
     """
 
     function: str
-    kwargs: dict = dataclasses.field(default_factory=dict)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     both_orders: bool = True
 
 
@@ -405,93 +411,49 @@ class LabelsOracle(Oracle):
 # --- configuration ----------------------------------------------------------------------------------
 
 
-def _describe(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _coerce(value, hint, where: str):
-    """`value` checked against a simple type hint (str, int, float, bool, dict, list[...], X | None)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except NashalignError:
-                continue
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
-    elif hint is dict or origin is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, hint):
-        return value
-    raise NashalignError(f"{where}: expected {_describe(hint)}, got {str(value)[:60]!r}")
-
-
 def parse_config(config_type, spec, where: str):
-    """Build the dataclass `config_type` from a mapping: unknown keys, missing keys and wrong types
-    raise NashalignError naming `where.key`."""
+    """The dataclass `config_type` from a mapping, with the project's strict config loading
+    (nashalign.config): unknown keys, missing keys, wrong types and out-of-range values raise
+    NashalignError naming `where: key`."""
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         spec = dataclasses.asdict(spec)
-    if not isinstance(spec, Mapping):
-        raise NashalignError(f"{where}: expected a mapping of keys, got {type(spec).__name__}")
-    hints = typing.get_type_hints(config_type)
-    fields = {field.name: field for field in dataclasses.fields(config_type)}
-    for key in spec:
-        if key not in fields:
-            raise NashalignError(f"{where}.{key}: unknown key; expected one of: {', '.join(fields)}")
-    kwargs = {}
-    for name, field in fields.items():
-        if name in spec:
-            kwargs[name] = _coerce(spec[name], hints[name], f"{where}.{name}")
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise NashalignError(f"{where}.{name}: missing required key")
-    return config_type(**kwargs)
+    return from_mapping(config_type, spec, source=where)
 
 
-def check_template(template: str, fields: set[str], where: str) -> str:
-    """A str.format template that uses exactly the named `fields`."""
+def template_problem(template: str, fields: set[str]) -> str | None:
+    """Why `template` is not a str.format template using exactly the named `fields`, or None."""
     try:
         used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as error:
-        raise NashalignError(f"{where}: not a valid template ({error})") from None
+        return f"not a valid template ({error})"
     if used != fields:
         expected = ", ".join("{" + name + "}" for name in sorted(fields))
-        raise NashalignError(f"{where}: the template must use exactly {expected}; it uses {sorted(used)}")
+        return f"the template must use exactly {expected}; it uses {sorted(used)}"
+    return None
+
+
+def check_template(template: str, fields: set[str], where: str) -> str:
+    """`template` if it uses exactly the named `fields`, else a NashalignError prefixed by `where`."""
+    problem = template_problem(template, fields)
+    if problem:
+        raise NashalignError(f"{where}: {problem}")
     return template
 
 
 def _build_game(spec, where):
     config = parse_config(GameConfig, spec, where)
-    if config.path is not None:
-        if config.responses is not None or config.P is not None:
-            raise NashalignError(f"{where}.path: give either path or responses and P, not both")
-        game = load_game(config.path)
-        if not game.names:
-            raise NashalignError(f"{config.path}: the game file needs 'names' (the response strings) for a game oracle")
-        responses, P = list(game.names), game.P
-    elif config.responses is None or config.P is None:
-        raise NashalignError(f"{where}: a game oracle needs responses and P, or path")
-    else:
-        responses, P = config.responses, config.P
-    return GameOracle(responses, P, invalid=config.invalid, strip=config.strip)
+    if config.path is None:
+        return GameOracle(config.responses, config.P, invalid=config.invalid, strip=config.strip)
+    game = load_game(config.path)
+    if not game.names:
+        raise NashalignError(f"{config.path}: the game file needs 'names' (the response strings) for a game oracle")
+    return GameOracle(list(game.names), game.P, invalid=config.invalid, strip=config.strip)
 
 
 def _build_python(spec, where):
     config = parse_config(PythonConfig, spec, where)
-    function = load_function(config.function, f"{where}.function")
+    function = load_function(config.function, f"{where}: function")
     if config.kwargs:
-        import functools
-
         function = functools.partial(function, **config.kwargs)
     return PythonOracle(function, both_orders=config.both_orders, label=f"python {config.function}")
 
@@ -531,7 +493,7 @@ BUILDERS: dict[str, Callable[[Mapping, str], Oracle]] = {
 def build_oracle(spec, where: str = "oracle") -> Oracle:
     """An oracle from a mapping (or dataclass) whose `type` key names the implementation.
 
-    `where` prefixes error messages (the spec's path in the config file).
+    `where` prefixes error messages (the spec's place in the config, e.g. "run.yaml: oracle").
     """
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         spec = dataclasses.asdict(spec)
@@ -540,5 +502,5 @@ def build_oracle(spec, where: str = "oracle") -> Oracle:
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in BUILDERS:
-        raise NashalignError(f"{where}.type: expected one of {', '.join(BUILDERS)}, got {kind!r}")
+        raise NashalignError(f"{where}: type: expected one of {', '.join(BUILDERS)}, got {kind!r}")
     return BUILDERS[kind](spec, where)
