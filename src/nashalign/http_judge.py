@@ -13,10 +13,12 @@ oracle (see oracles.py): both orders are asked and averaged.
 
 Robustness. The API key is read from the environment variable named by `api_key_env` and lives only
 in the HTTP client's headers: it is never logged, cached, put in an error message or a repr.
-Timeouts (`timeout` seconds per connect/read/write), HTTP 429 and 5xx, connection errors, truncated
-bodies and malformed JSON are retried with exponential backoff (`backoff`·2^attempt seconds, jittered,
-capped at `backoff_max`, or the server's Retry-After) up to `max_retries` times; then, or at once on
-any other 4xx, a NashalignError stops the call. At most `concurrency` requests are in flight.
+Timeouts (`timeout` seconds per connect/read/write), HTTP 408, 429 and 5xx, connection errors,
+truncated bodies, malformed JSON and answers without the expected structure are retried with
+exponential backoff (`backoff`·2^(attempt−1) seconds, jittered to 50–100 %, capped at `backoff_max`;
+or the server's Retry-After) up to `max_retries` times; then, or at once on any other 4xx, a
+NashalignError stops the call. At most `concurrency` requests are in flight (a thread pool over one
+httpx client).
 
 Cache. With `cache_dir`, every answer is appended to `cache_dir/judgments.jsonl` and flushed and
 fsynced before it is used, keyed by a SHA-256 of everything that shapes the request (model, system,
@@ -162,7 +164,7 @@ class HttpJudgeOracle(Oracle):
 
     name = "http_judge"
 
-    def __init__(self, config: HttpJudgeConfig, where: str = "oracle", transport=None) -> None:
+    def __init__(self, config: HttpJudgeConfig, where: str = "oracle") -> None:
         import httpx
 
         super().__init__()
@@ -178,7 +180,6 @@ class HttpJudgeOracle(Oracle):
             headers=headers,
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
-            transport=transport,
         )
         self._url = f"{config.base_url.rstrip('/')}/chat/completions"
         self._cache = JudgmentCache(config.cache_dir) if config.cache_dir else None
@@ -288,14 +289,15 @@ class HttpJudgeOracle(Oracle):
                 last_error = f"{type(error).__name__}: {error}"
                 continue
             status = response.status_code
-            if status == 429 or status >= 500:
+            if status in (408, 429) or status >= 500:
                 last_error = f"HTTP {status}"
                 retry_after = response.headers.get("retry-after")
                 continue
             if status >= 400:
+                key_hint = f" and the key in ${self.config.api_key_env}" if self.config.api_key_env else ""
                 raise NashalignError(self._scrub(
                     f"http_judge: {self._url} answered HTTP {status} ({response.text[:200]!r}); not retried: "
-                    f"check base_url, model and the key in ${self.config.api_key_env}"
+                    f"check base_url, model{key_hint}"
                 ))
             try:
                 q, answer = self._parse(response.json())
@@ -307,10 +309,14 @@ class HttpJudgeOracle(Oracle):
                 continue
             logger.debug("http_judge: answered after %d attempt(s)", attempt + 1)
             return q, self._scrub(answer), attempt + 1
+        resume = (
+            f"the answers received so far are cached in {self.config.cache_dir}, rerun to resume"
+            if self._cache
+            else "set cache_dir to keep answers across runs"
+        )
         raise NashalignError(self._scrub(
             f"http_judge: {self._url}: no valid answer after {self.config.max_retries + 1} attempts "
-            f"(last: {last_error}); answers received so far are cached"
-            + (f" in {self.config.cache_dir}, rerun to resume" if self._cache else "")
+            f"(last: {last_error}); {resume}"
         ))
 
     def _record(self, key: str, answer: tuple, results: dict) -> None:
@@ -337,7 +343,8 @@ class HttpJudgeOracle(Oracle):
         todo = {key: query for key, query in zip(keys, zip(prompts, first, second)) if key not in results}
         stop = threading.Event()
         error: NashalignError | None = None
-        with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.config.concurrency)
+        try:
             futures = {pool.submit(self._request, *query, stop): key for key, query in todo.items()}
             for future in as_completed(futures):
                 if future.cancelled():
@@ -347,11 +354,16 @@ class HttpJudgeOracle(Oracle):
                     if answer is not None:
                         self._record(futures[future], answer, results)
                 except NashalignError as failure:
+                    # stop asking, but keep recording the answers of requests already in flight
                     if error is None:
                         error = failure
                         stop.set()
                         for pending in futures:
                             pending.cancel()
+        finally:
+            # also on KeyboardInterrupt: workers waiting to retry return at once
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
         if error is not None:
             raise error
         return np.array([results[key] for key in keys], dtype=np.float64)
