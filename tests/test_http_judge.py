@@ -49,6 +49,7 @@ def expected_logprob_mode(first: str, second: str) -> float:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: avoid the delayed-ACK stall
 
     def log_message(self, *args):
         pass
