@@ -413,6 +413,7 @@ def test_cli_end_to_end_on_the_tiny_config(model_dirs, tmp_path, capsys):
         "train", "--config", str(ROOT / "configs" / "train-tiny.yaml"),
         "--set", f"model.name_or_path={model_dirs['policy']}", "--set", f"output.dir={out}",
         "--set", "optim.epochs=1", "--set", f"data.train_file={ROOT / 'configs' / 'train-tiny-pairs.jsonl'}",
+        "--set", "output.report_to=tensorboard",
     ])
     assert status == 0
     printed = capsys.readouterr().out
@@ -420,6 +421,7 @@ def test_cli_end_to_end_on_the_tiny_config(model_dirs, tmp_path, capsys):
     saved = load_config(TrainConfig, out / "config.yaml")
     assert saved.model.name_or_path == str(model_dirs["policy"]) and saved.optim.epochs == 1
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
             "logps/rejected", "grad_norm", "lr", "tokens_per_second"} <= set(read_metrics(out)[0])
     model = AutoModelForCausalLM.from_pretrained(out / "final")

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -320,8 +321,9 @@ def train_pairs(
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints_dir, metrics_file, final_dir = run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "final"
     resume_from = checkpoint.latest_checkpoint(checkpoints_dir) if resume == "auto" else None
-    if resume == "never" and metrics_file.exists():
-        metrics_file.unlink()
+    if resume == "never":  # start over: nothing of an earlier run in this directory may be resumed later
+        metrics_file.unlink(missing_ok=True)
+        shutil.rmtree(checkpoints_dir, ignore_errors=True)
 
     accelerator = _make_accelerator(config, run_dir)
     set_seed(config.optim.seed)
