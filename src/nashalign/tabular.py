@@ -10,13 +10,17 @@ underflows (SPPO and iterative DPO drive some to exp(−1000)). `run_algorithm` 
 applies the step for `iterations` steps with the step schedule η_t, and records the exact duality gap
 of every iterate π_0 … π_T (`nashalign.games.duality_gap`).
 
+Arithmetic is numpy float64 throughout, except `fit_inpo`: the real algorithm must minimize the
+project's own loss, `nashalign.losses.inpo`, which is a torch function, and its gradients come from
+torch autograd exactly as in the language-model trainer (float64 tensors, so nothing is lost).
+
 One scale for all: η is the KL weight towards the current iterate π_t (1/η is the step size) and τ the
 KL weight towards ρ = ref, as in INPO (design notes, section 1). With w_t(y) = P(y ≻ π_t) = (Pπ_t)(y)
 and r = τ/η, the algorithms are (all normalized by softmax):
 
     inpo             log π_{t+1} = (1 − r)·log π_t + r·log ρ + w_t/η                  (OMD closed form)
     inpo-sampled     argmin of the INPO loss over `samples` pairs from π_t × π_t labelled by
-                     sampling the oracle, by L-BFGS on the logits from log π_t (`fit_inpo`)
+                     sampling the oracle, by conjugate gradients on the logits from log π_t (`fit_inpo`)
     inpo-optimistic  log π_{t+1} = (1 − r)·log π_t + r·log ρ + (2·w_t − w_{t−1})/η     (w_{−1} = w_0)
     iterative-dpo    log π_{t+1} = log π_t + r̂_t/η, r̂_t the Bradley–Terry reward fitted to
                      `samples` sampled comparisons (`fit_bradley_terry`); DPO with reference π_t
@@ -39,7 +43,8 @@ Parameterizations of the baselines, chosen so that one η means one step size fo
   INPO's step taken in the Euclidean geometry of the logits (weighted by π_t(y)) instead of the KL
   geometry. Its fixed point is the regularized Nash policy.
 - Nash-MD (Munos et al. 2023): learning rate 1/η and regularization τ, i.e. the mixture exponent is
-  τ/η; in exact expectation (the published closed form).
+  τ/η; in exact expectation (the published closed form). With a constant step its fixed point is not
+  π* but within O(1/η) of it (its theorem needs decreasing steps for exact convergence).
 - SPPO (Wu et al. 2024): π_{t+1} ∝ π_t·exp(η_SPPO·P(y ≻ π_t)) with η_SPPO = 1/η, in exact expectation
   (the published closed form); it has no τ and aims at the unregularized game.
 
@@ -180,13 +185,9 @@ def fit_bradley_terry(
     exist when a response wins all its comparisons and fixes Σ r = 0.
     """
     batch = chosen.shape[:-1]
-    wins = np.zeros(batch + (n * n,))
-    np.add.at(
-        wins.reshape(-1, n * n),
-        (np.arange(int(np.prod(batch)))[:, None], (chosen * n + rejected).reshape(-1, chosen.shape[-1])),
-        1.0,
-    )
-    wins = wins.reshape(batch + (n, n))
+    games = int(np.prod(batch))
+    cells = np.arange(games)[:, None] * n * n + (chosen * n + rejected).reshape(games, -1)
+    wins = np.bincount(cells.ravel(), minlength=games * n * n).reshape(batch + (n, n)).astype(np.float64)
     eye = np.eye(n)
 
     def objective(r: np.ndarray) -> np.ndarray:
@@ -199,7 +200,7 @@ def fit_bradley_terry(
         margin = r[..., :, None] - r[..., None, :]
         lose = 0.5 * (1.0 - np.tanh(margin / 2.0))  # σ(−margin)
         flow = wins * lose
-        gradient = np.sum(flow, axis=-1) * -1.0 + np.sum(flow, axis=-2) + prior * r
+        gradient = np.sum(flow, axis=-2) - np.sum(flow, axis=-1) + prior * r
         weight = (wins + np.swapaxes(wins, -1, -2)) * lose * (1.0 - lose)
         hessian = eye * np.sum(weight, axis=-1)[..., None] - weight + prior * eye
         if np.max(np.abs(gradient)) < 1e-10:
@@ -222,34 +223,84 @@ def fit_bradley_terry(
 # Step functions
 
 
-def inpo_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, rng):
+def inpo_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
     """INPO's OMD step in closed form: π_{t+1} ∝ π_t^(1−τ/η)·ρ^(τ/η)·exp(P(y ≻ π_t)/η)."""
     ratio = tau / eta
     return log_softmax((1.0 - ratio) * log_policy + ratio * log_ref + win_rates(P, log_policy) / eta)
 
 
-def inpo_sampled_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, rng):
+def inpo_sampled_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
     """INPO as run on a language model: `samples` oracle-labelled pairs from π_t, then `fit_inpo`."""
     chosen, rejected = sample_pairs(P, log_policy, samples, rng)
     weights = np.full(chosen.shape, 1.0 / samples)
     return fit_inpo(log_ref, log_policy, chosen, rejected, weights, tau=tau, eta=eta)
 
 
-def inpo_optimistic_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, rng):
+def inpo_optimistic_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
     """Optimistic INPO: the OMD step driven by the prediction 2·P(y ≻ π_t) − P(y ≻ π_{t−1})."""
     ratio = tau / eta
     prediction = 2.0 * win_rates(P, log_policy) - win_rates(P, log_previous)
     return log_softmax((1.0 - ratio) * log_policy + ratio * log_ref + prediction / eta)
 
 
-def iterative_dpo_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, rng):
+def iterative_dpo_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
     """Iterative DPO with reference π_t: π_{t+1} ∝ π_t·exp(r̂/η), r̂ fitted to sampled comparisons."""
     chosen, rejected = sample_pairs(P, log_policy, samples, rng)
     reward = fit_bradley_terry(chosen, rejected, P.shape[-1])
     return log_softmax(log_policy + reward / eta)
 
 
-def online_ipo_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, rng):
+def online_ipo_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
     """Online IPO, exact expected gradient step on the logits (see the module docstring)."""
     policy = np.exp(log_policy)
     g = log_policy - log_ref
@@ -257,14 +308,34 @@ def online_ipo_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, 
     return log_softmax(log_policy + policy * advantage / eta)
 
 
-def nash_md_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, rng):
+def nash_md_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
     """Nash-MD: play against the geometric mixture μ ∝ π_t^(1−τ/η)·ρ^(τ/η), then a mirror step from μ."""
     ratio = tau / eta
     log_mixture = log_softmax((1.0 - ratio) * log_policy + ratio * log_ref)
     return log_softmax(log_mixture + win_rates(P, log_mixture) / eta)
 
 
-def sppo_step(P, log_ref, log_policy, log_previous, *, tau, eta, samples, rng):
+def sppo_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
     """SPPO in exact expectation: π_{t+1} ∝ π_t·exp((P(y ≻ π_t) − ½)/η); no regularization towards ρ."""
     return log_softmax(log_policy + (win_rates(P, log_policy) - 0.5) / eta)
 
