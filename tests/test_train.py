@@ -301,8 +301,8 @@ def test_reference_models_are_freed_before_training_and_cached(model_dirs, token
 def test_pair_accuracy_rises_on_a_learnable_task(model_dirs, tokenizer, tmp_path, loss, steps):
     """Chosen responses count up from the prompt's number, rejected ones are random numbers.
 
-    Before training, policy = reference, so every implicit reward margin is exactly 0 (accuracy by
-    strict comparison 0, i.e. no preference; counting ties as half it is 0.5, chance). After a dozen
+    Before training, policy = reference, so every implicit reward margin is 0 (no preference: chance,
+    0.5, counting ties as half). After a dozen
     steps, the fraction of training pairs with r_chosen > r_rejected (r = log π − log π_ref) is ≥ 0.9.
     """
     from transformers import AutoModelForCausalLM
@@ -318,7 +318,7 @@ def test_pair_accuracy_rises_on_a_learnable_task(model_dirs, tokenizer, tmp_path
             first_margin = metrics["rewards/margin"]
 
     result = train_pairs(str(model_dirs["policy"]), pairs, config, tmp_path, tokenizer=tokenizer, callback=record)
-    assert first_margin == 0.0
+    assert abs(first_margin) < 1e-5  # 0 up to float32 rounding (scoring pads batches differently)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         before = pair_logps(AutoModelForCausalLM.from_pretrained(model_dirs["policy"]), batch)

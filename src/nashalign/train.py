@@ -156,12 +156,10 @@ def _prepare_policy(model, config: TrainConfig, resume_from: Path | None):
 # --------------------------------------------------------------------------- scoring under ref / prev
 
 
-@torch.inference_mode()
 def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Path, pad_id: int, device):
+    """{"chosen", "rejected"} (N,) float32 log-probs under `model`, through the cache (inference mode)."""
     from nashalign.cache import LogpCache, score_pairs
 
-    was_training = model.training
-    model.eval()
     scores = score_pairs(
         model.to(device),
         pairs,
@@ -169,8 +167,7 @@ def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Pa
         cache=LogpCache(cache_dir),
         collate_fn=lambda chunk: collate_pairs(chunk, pad_id),
     )
-    model.train(was_training)
-    return {side: scores[f"{side}_logps"].detach().float().cpu() for side in ("chosen", "rejected")}
+    return {side: scores[f"{side}_logps"].float().cpu() for side in ("chosen", "rejected")}
 
 
 def _reference_sources(config: TrainConfig, given: dict) -> dict[str, str | None]:
