@@ -362,6 +362,31 @@ def test_lora_trains_only_the_adapters(model_dirs, tokenizer, tmp_path, monkeypa
         assert changed == (("q_proj" in key or "v_proj" in key) and key.endswith("weight")), key
 
 
+def test_lora_run_resumes_from_its_adapter_checkpoint(model_dirs, tokenizer, tmp_path):
+    """A LoRA run killed after its step-2 checkpoint (the adapter, optimizer, schedule, RNG) and
+    resumed ends with the merged weights of the uninterrupted 4-step run."""
+    pairs = make_pairs(tokenizer, 4, seed=9)
+    sections = {"model": {"lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}},
+                "optim": {"per_device_batch_size": 2, "max_steps": 4}, "output": {"save_steps": 2}}
+
+    def crash(step, metrics):
+        if step == 3:
+            raise _Crash
+
+    train_pairs(str(model_dirs["policy"]), pairs, make_config(model_dirs, tmp_path / "whole", **sections),
+                tmp_path / "whole", tokenizer=tokenizer)
+    with pytest.raises(_Crash):
+        train_pairs(str(model_dirs["policy"]), pairs, make_config(model_dirs, tmp_path / "broken", **sections),
+                    tmp_path / "broken", tokenizer=tokenizer, callback=crash)
+    result = train_pairs(str(model_dirs["policy"]), pairs, make_config(model_dirs, tmp_path / "broken", **sections),
+                         tmp_path / "broken", tokenizer=tokenizer)
+    assert result.global_step == 4
+    expected, got = final_state(tmp_path / "whole"), final_state(tmp_path / "broken")
+    assert any(not torch.equal(expected[k], v) for k, v in final_state_of(model_dirs["policy"]).items())
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-7)
+
+
 def _adapter_key(name: str) -> str:
     """peft's saved key of a named parameter: without the adapter name ('.default')."""
     return name.replace(".default", "")
