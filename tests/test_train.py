@@ -296,7 +296,7 @@ def test_reference_models_are_freed_before_training_and_cached(model_dirs, token
 
 
 @pytest.mark.parametrize(
-    ("loss", "steps"), [("dpo", 12), ("ipo", 12), ("inpo", 12)]
+    ("loss", "steps"), [("dpo", 12), ("ipo", 12), ("inpo", 12), ("sppo", 12)]
 )
 def test_pair_accuracy_rises_on_a_learnable_task(model_dirs, tokenizer, tmp_path, loss, steps):
     """Chosen responses count up from the prompt's number, rejected ones are random numbers.

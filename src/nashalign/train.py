@@ -10,7 +10,7 @@ Run directory: `config.yaml` (resolved config), `metrics.jsonl` (one JSON object
 `checkpoints/step_<N>/` (see nashalign.checkpoint), `final/` (the trained model in Hugging Face format,
 LoRA merged, tokenizer included), `logp_cache/` (unless data.cache_dir says otherwise).
 
-Data order is a permutation per epoch drawn from `optim.seed + epoch`; a global batch of
+Data order is a permutation per epoch drawn from (`optim.seed`, epoch); a global batch of
 per_device_batch_size × gradient_accumulation_steps × processes pairs makes one optimizer step and the
 loss is the mean of the per-pair losses over that global batch (also for a smaller last batch), so
 batch 4 equals batch 1 with 4 accumulation steps. A checkpoint stores the data position, so a
