@@ -229,7 +229,7 @@ def test_ranking_accuracy_rejects_bad_input():
 
 
 def test_idealized_ranking_accuracy_hand_values():
-    """β = 0.1; margin = Δref + logit(p)/β (Chen et al. 2024, Thm 3.1):
+    """β = 0.1; margin = Δref + logit(p)/β (Chen et al. 2024, idealized ranking accuracy):
     Δref = −1,  p = 0.75: −1 + ln 3/0.1 = 9.99 > 0 ✓
     Δref = −1,  p = 0.51: −1 + ln(51/49)/0.1 = −1 + 0.400 = −0.60 ✗
     Δref = 2,   p = 0.4:  2 + ln(2/3)/0.1 = 2 − 4.055 = −2.05 ✗

@@ -370,7 +370,7 @@ def ranking_accuracy(
 
 def idealized_ranking_accuracy(ref_chosen_logps, ref_rejected_logps, pref_probs, *, beta: float) -> float:
     """Ranking accuracy of the DPO-optimal policy (Chen et al. 2024, "Preference Learning
-    Algorithms Do Not Learn Preference Rankings", Theorem 3.1).
+    Algorithms Do Not Learn Preference Rankings", their derivation of the idealized ranking accuracy).
 
     With Bradley–Terry preferences p = P(y_w ≻ y_l) = σ(r*(y_w) − r*(y_l)), the optimum of the DPO
     objective is π* ∝ π_ref·exp(r*/β), so
