@@ -30,7 +30,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,18 +156,45 @@ def _prepare_policy(model, config: TrainConfig, resume_from: Path | None):
 # --------------------------------------------------------------------------- scoring under ref / prev
 
 
-def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Path, pad_id: int, device):
-    """{"chosen", "rejected"} (N,) float32 log-probs under `model`, through the cache (inference mode)."""
+def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Path, pad_id: int, device,
+           accelerator=None):
+    """{"chosen", "rejected"} (N,) float32 log-probs under `model`, through the cache (inference mode);
+    with an `accelerator` of several processes the work is split across them (_score_sharded)."""
     from nashalign.cache import LogpCache, score_pairs
 
-    scores = score_pairs(
-        model.to(device),
-        pairs,
-        batch_size=config.data.scoring_batch_size,
-        cache=LogpCache(cache_dir),
-        collate_fn=lambda chunk: collate_pairs(chunk, pad_id),
-    )
+    model, cache = model.to(device), LogpCache(cache_dir)
+    collate = lambda chunk: collate_pairs(chunk, pad_id)  # noqa: E731
+    if accelerator is not None and accelerator.num_processes > 1:
+        scores = _score_sharded(model, pairs, config, cache, collate, accelerator)
+    else:
+        scores = score_pairs(model, pairs, batch_size=config.data.scoring_batch_size, cache=cache, collate_fn=collate)
     return {side: scores[f"{side}_logps"].float().cpu() for side in ("chosen", "rejected")}
+
+
+def _score_sharded(model, pairs, config: TrainConfig, cache, collate, accelerator) -> dict[str, torch.Tensor]:
+    """score_pairs split over processes: each scores every num_processes-th cache miss, the results
+    are gathered on all processes, and only the main process writes them to the cache (one writer,
+    so no entry is lost to concurrent rewrites of the cache file)."""
+    from accelerate.utils import gather_object
+
+    from nashalign.cache import model_fingerprint, score_pairs
+
+    fingerprint = model_fingerprint(model)
+    keys = [pair.content_hash() for pair in pairs]
+    found = cache.lookup(fingerprint, keys)
+    mine = found.misses[accelerator.process_index :: accelerator.num_processes]
+    logger.info("log-prob cache %s: %d hits, %d to score on %d processes (%d here)", fingerprint[:12],
+                len(pairs) - len(found.misses), len(found.misses), accelerator.num_processes, len(mine))
+    scored = score_pairs(model, [pairs[i] for i in mine], batch_size=config.data.scoring_batch_size,
+                         collate_fn=collate, progress=accelerator.is_local_main_process)
+    rows = gather_object(list(zip(mine, scored["chosen_logps"].tolist(), scored["rejected_logps"].tolist())))
+    chosen, rejected = found.chosen_logps.clone(), found.rejected_logps.clone()
+    for index, chosen_logp, rejected_logp in rows:
+        chosen[index], rejected[index] = chosen_logp, rejected_logp
+    if rows and accelerator.is_main_process:
+        cache.store(fingerprint, [keys[i] for i, _, _ in rows], [c for _, c, _ in rows], [r for _, _, r in rows])
+    accelerator.wait_for_everyone()  # the next lookup of this cache, on any process, sees these entries
+    return {"chosen_logps": chosen, "rejected_logps": rejected}
 
 
 def _reference_sources(config: TrainConfig, given: dict) -> dict[str, str | None]:
@@ -178,12 +205,14 @@ def _reference_sources(config: TrainConfig, given: dict) -> dict[str, str | None
     return {role: source for role, source in sources.items() if given.get(role) is None}
 
 
-def reference_logps(policy, pairs, config: TrainConfig, cache_dir: Path, pad_id: int, device, given=None):
+def reference_logps(policy, pairs, config: TrainConfig, cache_dir: Path, pad_id: int, device, given=None,
+                    accelerator=None):
     """Summed log-probs of every pair under π_ref (and π_t for inpo): {"ref": {"chosen", "rejected"}, ...}.
 
     `given` supplies precomputed ones. A role whose model is unset is the policy's initial weights and
     is scored with `policy` itself (before any update); any other model is loaded, scored into the
-    cache and deleted before this returns, so it is not alive during training.
+    cache and deleted before this returns, so it is not alive during training. With an `accelerator`
+    of several processes the scoring is split across them.
     """
     given = {role: logps for role, logps in (given or {}).items() if logps is not None}
     results, by_source = dict(given), {}
@@ -193,10 +222,10 @@ def reference_logps(policy, pairs, config: TrainConfig, cache_dir: Path, pad_id:
         elif source is None:
             if policy is None:
                 raise ValueError("reference_logps needs the initial policy to score it")
-            results[role] = by_source[None] = _score(policy, pairs, config, cache_dir, pad_id, device)
+            results[role] = by_source[None] = _score(policy, pairs, config, cache_dir, pad_id, device, accelerator)
         else:
             model = load_model(source, config.model)
-            results[role] = by_source[source] = _score(model, pairs, config, cache_dir, pad_id, device)
+            results[role] = by_source[source] = _score(model, pairs, config, cache_dir, pad_id, device, accelerator)
             del model
             gc.collect()
     for role, logps in results.items():
@@ -306,7 +335,7 @@ def train_pairs(
     checkpoint in run_dir, "never" starts over. callback(step, metrics) runs after every optimizer step.
     Seeds python, numpy and torch from optim.seed (a run owns the process's RNGs).
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
     if resume not in ("auto", "never"):
@@ -323,6 +352,15 @@ def train_pairs(
         shutil.rmtree(checkpoints_dir, ignore_errors=True)
 
     accelerator = _make_accelerator(config, run_dir)
+    # FSDP and DeepSpeed shard the optimizer state over the processes, and a checkpoint holds one
+    # process's optimizer state: under them a phase writes only final/ and cannot resume mid-way.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and (resume_from is not None or config.model.lora is not None):
+        what = f"{resume_from}: resuming" if resume_from is not None else "model.lora:"
+        raise NashalignError(
+            f"{what} not supported under {accelerator.distributed_type.value} (sharded optimizer state); "
+            "use the DDP config, or --resume never / another output.dir"
+        )
     set_seed(config.optim.seed)
     if accelerator.is_main_process:
         dump_config(config, run_dir / "config.yaml")
@@ -339,7 +377,9 @@ def train_pairs(
 
     # 1. Log-probs of every pair under π_ref (and π_t), then only the policy stays in memory.
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "logp_cache"
-    references = reference_logps(policy, pairs, config, cache_dir, tokenizer.pad_token_id, accelerator.device, given)
+    references = reference_logps(
+        policy, pairs, config, cache_dir, tokenizer.pad_token_id, accelerator.device, given, accelerator
+    )
     reference_columns = {
         f"{role}_{side}_logps": logps[side] for role, logps in references.items() for side in ("chosen", "rejected")
     }
@@ -361,6 +401,8 @@ def train_pairs(
     steps_per_epoch = math.ceil(len(pairs) / global_batch)
     total_steps = optim.max_steps or optim.epochs * steps_per_epoch
     scheduler = _schedule(optimizer, config, total_steps)
+    if accelerator.state.deepspeed_plugin is not None:  # accelerate reads it from a dataloader; there is none
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = optim.per_device_batch_size
     policy, optimizer = accelerator.prepare(policy, optimizer)
     loss_fn = build_loss(config.loss)
 
@@ -378,7 +420,8 @@ def train_pairs(
         checkpoint.load_optimizer_state(resume_from, optimizer.optimizer)
         checkpoint.load_scheduler_state(resume_from, scheduler)
         checkpoint.load_rng_state(resume_from)
-        _rewrite_metrics(metrics_file, state["global_step"])
+        if accelerator.is_main_process:
+            _rewrite_metrics(metrics_file, state["global_step"])
         logger.info("resuming from %s (step %d)", resume_from, state["global_step"])
 
     if accelerator.log_with:
@@ -392,12 +435,15 @@ def train_pairs(
         tokenizer.save_pretrained(directory)
 
     def save(step: int) -> Path | None:
-        if not accelerator.is_main_process:
+        if sharded:
             return None
-        return checkpoint.save_checkpoint(
-            checkpoints_dir, step, save_model=save_model, optimizer=optimizer.optimizer,
-            scheduler=scheduler, trainer_state=state, keep_last=config.output.save_total_limit,
-        )
+        if accelerator.is_main_process:
+            checkpoint.save_checkpoint(
+                checkpoints_dir, step, save_model=save_model, optimizer=optimizer.optimizer,
+                scheduler=scheduler, trainer_state=state, keep_last=config.output.save_total_limit,
+            )
+        accelerator.wait_for_everyone()
+        return checkpoints_dir / checkpoint.checkpoint_name(step)
 
     # 3. The loop: one iteration = one optimizer step over one global batch.
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
@@ -444,11 +490,14 @@ def train_pairs(
 
     # 4. The final model in Hugging Face format (LoRA merged into the base weights).
     accelerator.wait_for_everyone()
+    # Collective under FSDP / ZeRO-3: every process sends its shards, the main process gets the full weights.
+    state_dict = accelerator.get_state_dict(policy) if sharded else None
     if accelerator.is_main_process:
         final_model = unwrapped.merge_and_unload() if config.model.lora is not None else unwrapped
         with checkpoint.atomic_directory(final_dir, marker=None) as directory:
-            final_model.save_pretrained(directory)
+            final_model.save_pretrained(directory, state_dict=state_dict)
             tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()  # no process returns before final/ exists
     accelerator.end_training()
     if not metrics and metrics_file.exists():
         lines = metrics_file.read_text().splitlines()
@@ -463,32 +512,36 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
     The loss is sum(per-pair losses) / (pairs in the global batch), accumulated over micro-batches
     (hand-written instead of accelerator.accumulate, which divides by a fixed step count and so
     weights a smaller last batch wrongly). With several processes DDP averages the gradients, hence
-    the factor num_processes.
+    the factor num_processes; process p takes pairs p, p + num_processes, ... of the global batch.
     """
     began = time.perf_counter()
     local = indices[accelerator.process_index :: accelerator.num_processes]
     size = config.optim.per_device_batch_size
     micro_batches = [local[i : i + size] for i in range(0, len(local), size)]
+    # Every process runs as many forward/backward passes as process 0 (which holds the most pairs), as
+    # the collectives of DDP, FSDP and DeepSpeed must match; a pass without pairs (empty micro-batch)
+    # runs the batch's first pair with weight 0.
+    micro_batches += [[]] * (math.ceil(len(indices[:: accelerator.num_processes]) / size) - len(micro_batches))
     scale = accelerator.num_processes / len(indices)
     collected: dict[str, list[torch.Tensor]] = {}
     tokens = 0
     for number, micro in enumerate(micro_batches):
-        batch = collate_pairs([pairs[i] for i in micro], pad_id)
+        rows = micro or indices[:1]
+        batch = collate_pairs([pairs[i] for i in rows], pad_id)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        selected = torch.tensor(micro)
+        selected = torch.tensor(rows)
         references = {key: column[selected].to(accelerator.device) for key, column in reference_columns.items()}
-        last = number == len(micro_batches) - 1
-        with accelerator.no_sync(policy) if not last else nullcontext():
+        with _accumulating(accelerator, policy, last=number == len(micro_batches) - 1):
             with accelerator.autocast():
                 losses, policy_logps = batch_losses(policy, batch, loss_fn, references)
-            accelerator.backward(losses.sum() * scale)
-        tokens += int(batch["attention_mask"].sum())
+            accelerator.backward(losses.sum() * (scale if micro else 0.0))
+        tokens += int(batch["attention_mask"].sum()) if micro else 0
         for key, value in {
             "losses": losses, "policy_chosen_logps": policy_logps["chosen_logps"],
             "policy_rejected_logps": policy_logps["rejected_logps"], "chosen_lengths": policy_logps["chosen_lengths"],
             **{key: references[key] for key in ("ref_chosen_logps", "ref_rejected_logps")},
         }.items():
-            collected.setdefault(key, []).append(value.detach().float())
+            collected.setdefault(key, []).append(value.detach().float()[: len(micro)])
     max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
     grad_norm = accelerator.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_norm)
     learning_rate = scheduler.get_last_lr()[0]
@@ -510,15 +563,36 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
     if config.loss.sft_weight:
         means["sft"] = sft(policy_chosen_logps=values["policy_chosen_logps"],
                            chosen_lengths=values["chosen_lengths"]).mean()
-    # Means over this process's pairs -> sums -> summed over processes -> means over the global batch.
+    # Means over this process's pairs -> sums -> summed over processes -> means over the global batch
+    # (a process without pairs has NaN means over nothing and adds zeros).
     count = torch.tensor(float(len(local)), device=accelerator.device)
-    stacked = torch.stack([value.to(accelerator.device) * count for value in means.values()] + [count])
+    sums = [value.to(accelerator.device) * count if local else torch.zeros((), device=accelerator.device)
+            for value in means.values()]
+    stacked = torch.stack([*sums, count])
     stacked = accelerator.reduce(stacked, reduction="sum")
     tokens_total = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
     metrics = {key: float(total / stacked[-1]) for key, total in zip(means, stacked[:-1])}
-    metrics.update(grad_norm=float(grad_norm), lr=learning_rate, _tokens=tokens_total,
+    grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed may not report one
+    metrics.update(grad_norm=grad_norm, lr=learning_rate, _tokens=tokens_total,
                    tokens_per_second=tokens_total / max(time.perf_counter() - began, 1e-9))
     return metrics
+
+
+@contextmanager
+def _accumulating(accelerator, model, last: bool):
+    """Gradients are synchronized on the last micro-batch of a step only: DDP and FSDP skip their
+    reduction (no_sync) before it, and DeepSpeed, whose backward also steps, is told through
+    accelerate's sync flag that it is not at an accumulation boundary. (accelerator.accumulate sets
+    that flag from a fixed micro-batch count, which a smaller last batch does not have.)"""
+    if last:
+        yield
+        return
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
