@@ -7,7 +7,11 @@ without padding and without the KV cache, drawing each token from the same per-s
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
+import sys
+import types
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -321,3 +325,97 @@ def test_vllm_sampler(tmp_path, tiny_tokenizer):
     sampler.update_weights(tmp_path / "second")
     assert sampler.generate(PROMPTS, 4, progress=False) != results
     sampler.close()
+
+
+class FakeVLLM:
+    """Stands in for the `vllm` package (not installable here) to test the glue in VLLMSampler:
+    request construction, output parsing, greedy handling and engine reloads. Each engine answers a
+    request with completions whose tokens are (prompt length + child index) repeated, then EOS for
+    even children (finish "stop", EOS included as vLLM returns it) and max_tokens tokens for odd
+    children (finish "length")."""
+
+    def __init__(self, eos_id):
+        self.engines, self.cleanups, self.requests = [], 0, []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.__dict__.update(kwargs)
+
+        class LLM:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+                fake.engines.append(self)
+
+            def generate(self, requests, params, use_tqdm=True):
+                fake.requests.append((requests, params))
+                outputs = []
+                for request, p in zip(requests, params):
+                    completions = []
+                    for j in range(p.n):
+                        token = len(request["prompt_token_ids"]) + j + 10
+                        if j % 2 == 0:
+                            ids, reason = [token, token, eos_id], "stop"
+                        else:
+                            ids, reason = [token] * p.max_tokens, "length"
+                        completions.append(SimpleNamespace(index=j, token_ids=ids, finish_reason=reason))
+                    outputs.append(SimpleNamespace(outputs=completions[::-1]))  # any order
+                return outputs
+
+        def cleanup_dist_env_and_memory():
+            fake.cleanups += 1
+
+        self.module = types.ModuleType("vllm")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+        distributed = types.ModuleType("vllm.distributed")
+        parallel_state = types.ModuleType("vllm.distributed.parallel_state")
+        parallel_state.cleanup_dist_env_and_memory = cleanup_dist_env_and_memory
+        self.modules = {
+            "vllm": self.module,
+            "vllm.distributed": distributed,
+            "vllm.distributed.parallel_state": parallel_state,
+        }
+
+
+def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_model_dir):
+    """Without vLLM: prompts are sent as token ids without added special tokens, one request per
+    prompt with n samples and a distinct seed; outputs come back ordered by child index with EOS
+    and padding removed and the right finish reason; greedy asks once and copies (vLLM refuses
+    n > 1 when greedy); update_weights frees the engine and builds a new one from the new path."""
+    fake = FakeVLLM(tiny_tokenizer.eos_token_id)
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert vllm_available() == (True, "")
+
+    sampler = make_sampler("vllm", tiny_model_dir, max_new_tokens=4, seed=7, tensor_parallel_size=2)
+    from nashalign.sampling import VLLMSampler
+
+    assert isinstance(sampler, VLLMSampler)
+    assert fake.engines[0].kwargs["model"] == str(tiny_model_dir)
+    assert fake.engines[0].kwargs["tensor_parallel_size"] == 2 and fake.engines[0].kwargs["seed"] == 7
+    results = sampler.generate(PROMPTS, 3, progress=False)
+    requests, params = fake.requests[-1]
+    lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    assert [len(r["prompt_token_ids"]) for r in requests] == lengths
+    assert [p.n for p in params] == [3, 3, 3]
+    assert len({p.seed for p in params}) == 3
+    assert all(p.stop_token_ids == [tiny_tokenizer.eos_token_id] for p in params)
+    for length, row in zip(lengths, results):
+        assert [g.sample_index for g in row] == [0, 1, 2]
+        assert [g.token_ids for g in row] == [[length + 10] * 2, [length + 11] * 4, [length + 12] * 2]
+        assert [g.finish_reason for g in row] == ["stop", "length", "stop"]
+        assert row[0].text == tiny_tokenizer.decode([length + 10] * 2)
+
+    greedy = make_sampler("vllm", tiny_model_dir, max_new_tokens=4, temperature=0.0, top_p=0.5)
+    rows = greedy.generate(PROMPTS, 3, progress=False)
+    assert [(p.n, p.top_p) for p in fake.requests[-1][1]] == [(1, 1.0)] * 3
+    assert all(g.token_ids == row[0].token_ids for row in rows for g in row)
+    assert [g.sample_index for g in rows[0]] == [0, 1, 2]
+
+    engines = len(fake.engines)
+    sampler.update_weights(tiny_model_dir)
+    assert fake.cleanups == 1 and len(fake.engines) == engines + 1 and sampler.llm is fake.engines[-1]
+    with pytest.raises(NashalignError, match="checkpoint directory"):
+        sampler.update_weights(object())

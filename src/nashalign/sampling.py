@@ -418,11 +418,13 @@ class VLLMSampler:
             {"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
             for prompt in prompts
         ]
+        greedy = self.temperature == 0
+        # vLLM refuses n > 1 (and top_p < 1) with greedy decoding: ask once and copy, as transformers does.
         params = [
             SamplingParams(
-                n=n,
+                n=1 if greedy else n,
                 temperature=self.temperature,
-                top_p=self.top_p,
+                top_p=1.0 if greedy else self.top_p,
                 max_tokens=self.max_new_tokens,
                 stop_token_ids=list(self.eos_ids),
                 seed=sample_seed(self.seed, key) >> 32,
@@ -433,6 +435,8 @@ class VLLMSampler:
         results = []
         for key, output in zip(keys, outputs):
             completions = sorted(output.outputs, key=lambda c: c.index)
+            if greedy:
+                completions = completions * n
             row = []
             for j, completion in enumerate(completions):
                 text, kept, reason = _finish(
