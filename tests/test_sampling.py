@@ -224,6 +224,24 @@ def test_state_is_restored(tiny_model, tiny_tokenizer):
     assert tiny_model.training
 
 
+def test_tokenizer_without_pad_token_pads_with_eos(tiny_model, tiny_tokenizer):
+    """A tokenizer with no pad token (common for base models) pads with EOS for the call and is
+    left without one afterwards; greedy outputs still equal the unpadded reference."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    sampler = TransformersSampler(tiny_model, tokenizer, max_new_tokens=6, temperature=0.0, batch_size=3)
+    results = sampler.generate(PROMPTS, 1, progress=False)
+    assert tokenizer.pad_token is None
+    for prompt, row in zip(PROMPTS, results):
+        assert (
+            row[0].token_ids
+            == naive_generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=6, temperature=0)[0]
+        )
+
+
 def test_update_weights(tiny_tokenizer, tiny_model_dir):
     """After update_weights the sampler follows the new policy (a live module or a checkpoint path)."""
     from nashalign.tiny import build_model

@@ -165,7 +165,7 @@ class TransformersSampler:
         model: a causal LM (`PreTrainedModel`); it is put in eval mode while generating and its
             previous mode is restored afterwards.
         tokenizer: its tokenizer; its padding side is set to "left" while generating, then restored.
-            A tokenizer without a pad token pads with EOS.
+            A tokenizer without a pad token pads with EOS (set for the call, then unset again).
         max_new_tokens: at most this many tokens per response.
         temperature: softmax temperature; 0 means greedy decoding (all n samples are identical).
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
@@ -226,9 +226,11 @@ class TransformersSampler:
         results: list[list[Generation]] = [[] for _ in prompts]
         eos_ids = _eos_token_ids(self.model, self.tokenizer)
         was_training = self.model.training
-        saved_padding_side = self.tokenizer.padding_side
+        saved_padding_side, saved_pad_token = self.tokenizer.padding_side, self.tokenizer.pad_token
         self.model.eval()
         self.tokenizer.padding_side = "left"
+        if saved_pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(eos_ids[0])
         try:
             with tqdm(total=len(prompts) * n, unit="sample", desc="sampling", disable=not progress) as bar:
                 for start in range(0, len(rows), self.batch_size):
@@ -241,6 +243,8 @@ class TransformersSampler:
                     bar.update(len(batch) * (n if greedy else 1))
         finally:
             self.tokenizer.padding_side = saved_padding_side
+            if saved_pad_token is None:
+                self.tokenizer.pad_token = None
             self.model.train(was_training)
         return results
 
@@ -249,12 +253,8 @@ class TransformersSampler:
         from transformers import GenerationConfig, LogitsProcessorList
 
         pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = eos_ids[0]
         device = self.model.device
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        if self.tokenizer.pad_token_id is None and len(texts) > 1:
-            raise NashalignError("sampling: the tokenizer has no pad token; set tokenizer.pad_token")
         encoded = {k: v.to(device) for k, v in encoded.items()}
         processors = LogitsProcessorList()
         if self.temperature > 0:
