@@ -123,7 +123,9 @@ def _describe(model: torch.nn.Module) -> dict[str, Any]:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         described["peft"] = {
-            name: _without_ignored_keys(value.to_dict(), {"base_model_name_or_path", "inference_mode"})
+            name: _without_ignored_keys(
+                value.to_dict(), {"base_model_name_or_path", "inference_mode", "peft_version"}
+            )
             for name, value in peft_config.items()
         }
         described["adapter_layers"] = {
