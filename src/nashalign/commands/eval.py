@@ -1,0 +1,171 @@
+"""`nashalign eval winrate|ranking`: evaluate a policy (the statistics live in nashalign.evaluate).
+
+    nashalign eval winrate --policy DIR --baseline DIR|responses.jsonl --prompts FILE --oracle ORACLE.yaml
+        Samples one response per prompt from the policy (and from the baseline when it is a model),
+        asks the oracle P(policy ≻ baseline), and reports the win rate with a 95% bootstrap interval,
+        the length-controlled win rate, response lengths, and KL(π‖π_ref) from the policy's samples
+        (π_ref = --ref, or the baseline model).
+    nashalign eval ranking --model DIR --data pairs.jsonl [--ref DIR] [--beta B]
+        Ranking accuracy of the model on preference pairs (summed, length-normalized, and the implicit
+        reward against --ref), and the idealized ranking accuracy of the DPO optimum when the records
+        carry a preference probability (field --pref-field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="task", metavar="task", required=True)
+    win = sub.add_parser("winrate", help="win rate of a policy against a baseline under an oracle")
+    win.add_argument("--policy", required=True, help="model directory (or hub name) of the policy")
+    win.add_argument("--baseline", required=True, help="a model, or a JSONL file with a 'response' per prompt")
+    win.add_argument("--prompts", required=True, help="prompts file (field 'prompt': a string or messages)")
+    win.add_argument("--oracle", required=True, help="YAML file with the oracle mapping (a 'type' key)")
+    win.add_argument("--ref", help="reference model for KL(π‖π_ref); default: the baseline model")
+    win.add_argument("--max-new-tokens", type=int, default=256)
+    win.add_argument("--temperature", type=float, default=1.0)
+    win.add_argument("--batch-size", type=int, default=16)
+    win.add_argument("--seed", type=int, default=0)
+    win.add_argument("--output", help="also write the results as JSON to this file")
+    rank = sub.add_parser("ranking", help="ranking accuracy of a model on preference pairs")
+    rank.add_argument("--model", required=True)
+    rank.add_argument("--data", required=True, help="preference pairs (.jsonl/.json/.parquet/datasets dir)")
+    rank.add_argument("--ref", help="reference model: implicit-reward accuracy and the idealized accuracy")
+    rank.add_argument("--beta", type=float, default=0.1, help="β of the DPO optimum (idealized accuracy)")
+    rank.add_argument("--pref-field", default="pref_prob", help="record field with P(chosen ≻ rejected)")
+    rank.add_argument("--max-length", type=int, default=1024)
+    rank.add_argument("--batch-size", type=int, default=8)
+    rank.add_argument("--output", help="also write the results as JSON to this file")
+
+
+def _load(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _response_logps(model, tokenizer, prompt_ids, response_ids, batch_size: int):
+    """Summed log π(response | prompt) for each (prompt, response), via the log-prob scorer."""
+    from nashalign.cache import score_pairs
+    from nashalign.data import TokenizedPair, collate_pairs
+
+    pairs = [TokenizedPair(p, r, r, f"prompt[{i}]", {}) for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
+    scored = score_pairs(model, pairs, batch_size=batch_size, cache=None,
+                         collate_fn=lambda batch: collate_pairs(batch, tokenizer.pad_token_id))
+    return scored["chosen_logps"].double().numpy()
+
+
+def _sample(model, tokenizer, rendered, args):
+    from nashalign.sampling import TransformersSampler
+
+    sampler = TransformersSampler(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+    return [group[0] for group in sampler.generate(rendered, 1)]
+
+
+def _baseline_file(path: Path, count: int) -> list[str]:
+    from nashalign import NashalignError
+    from nashalign.artifacts import read_jsonl
+
+    rows = read_jsonl(path)
+    if len(rows) != count:
+        raise NashalignError(f"{path}: {len(rows)} responses, expected one per prompt ({count})")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("response"), str):
+            raise NashalignError(f"{path}:{number}: field 'response': expected a string")
+    return [row["response"] for row in rows]
+
+
+def _win_rate(args) -> dict:
+    import numpy as np
+    import yaml
+
+    from nashalign import NashalignError
+    from nashalign.evaluate import kl_from_samples, length_controlled_win_rate, length_stats, win_rate
+    from nashalign.online import PromptsConfig, judge_text, load_prompts, render_prompt
+    from nashalign.oracles import build_oracle
+
+    try:
+        spec = yaml.safe_load(Path(args.oracle).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise NashalignError(f"{args.oracle}: cannot read the oracle config ({error})") from None
+    oracle = build_oracle(spec.get("oracle", spec) if isinstance(spec, dict) else spec, where=args.oracle)
+    prompts = load_prompts(PromptsConfig(file=args.prompts))
+    policy, tokenizer = _load(args.policy)
+    rendered = [render_prompt(p, tokenizer) for p in prompts]
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
+    samples = _sample(policy, tokenizer, rendered, args)
+    policy_texts = [g.text for g in samples]
+    policy_ids = [g.token_ids + ([tokenizer.eos_token_id] if g.finish_reason == "stop" else []) for g in samples]
+    baseline_path = Path(args.baseline)
+    if baseline_path.is_file():
+        baseline_texts = _baseline_file(baseline_path, len(prompts))
+        baseline_model = None
+    else:
+        baseline_model, baseline_tokenizer = _load(args.baseline)
+        baseline_texts = [g.text for g in _sample(baseline_model, baseline_tokenizer, rendered, args)]
+    judge_prompts = [judge_text(p) for p in prompts]
+    probs = oracle.prob(judge_prompts, policy_texts, baseline_texts)
+    policy_lengths = np.array([len(ids) for ids in policy_ids], dtype=float)
+    baseline_lengths = np.array([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in baseline_texts], dtype=float)
+    rate = win_rate(probs, seed=args.seed)
+    lc = length_controlled_win_rate(probs, policy_lengths, baseline_lengths, seed=args.seed)
+    result = {
+        "prompts": len(prompts),
+        "win_rate": {"estimate": rate.estimate, "low": rate.low, "high": rate.high, "confidence": rate.confidence},
+        "length_controlled_win_rate": {"estimate": lc.estimate, "low": lc.low, "high": lc.high},
+        "policy_length": vars(length_stats(policy_lengths)),
+        "baseline_length": vars(length_stats(baseline_lengths)),
+        "judge_calls": oracle.counts.judge_calls,
+    }
+    ref_model = _load(args.ref)[0] if args.ref else baseline_model
+    if ref_model is not None:
+        own = _response_logps(policy, tokenizer, prompt_ids, policy_ids, args.batch_size)
+        ref = _response_logps(ref_model, tokenizer, prompt_ids, policy_ids, args.batch_size)
+        kl = kl_from_samples(own, ref)
+        result["kl_to_ref"] = {"estimate": kl.estimate, "stderr": kl.stderr, "estimator": kl.estimator}
+    return result
+
+
+def _ranking(args) -> dict:
+    import numpy as np
+
+    from nashalign.data import load_records, tokenize_records
+    from nashalign.evaluate import idealized_ranking_accuracy, ranking_accuracy
+
+    model, tokenizer = _load(args.model)
+    records = load_records(args.data)
+    pairs, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
+    prompts = [p.prompt_ids for p in pairs]
+    chosen, rejected = [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]
+    lengths = (np.array([len(c) for c in chosen]), np.array([len(r) for r in rejected]))
+    own = [_response_logps(model, tokenizer, prompts, side, args.batch_size) for side in (chosen, rejected)]
+    ref = [None, None]
+    if args.ref:
+        ref_model = _load(args.ref)[0]
+        ref = [_response_logps(ref_model, tokenizer, prompts, side, args.batch_size) for side in (chosen, rejected)]
+    accuracy = ranking_accuracy(own[0], own[1], ref[0], ref[1], *lengths)
+    result = {"pairs": accuracy.n, "summed": accuracy.summed, "length_normalized": accuracy.length_normalized,
+              "implicit_reward": accuracy.reward}
+    probs = [p.extra.get(args.pref_field) for p in pairs]
+    if args.ref and all(isinstance(v, (int, float)) for v in probs):
+        result["idealized"] = idealized_ranking_accuracy(ref[0], ref[1], np.array(probs, float), beta=args.beta)
+    else:
+        result["idealized"] = None
+        result["idealized_note"] = f"needs --ref and a numeric '{args.pref_field}' on every record"
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    result = _win_rate(args) if args.task == "winrate" else _ranking(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        from nashalign.artifacts import atomic_write_text
+
+        atomic_write_text(args.output, text + "\n")
+    return 0

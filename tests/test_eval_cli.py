@@ -1,0 +1,67 @@
+"""`nashalign eval`: win rate, length-controlled win rate, KL, and ranking accuracy on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nashalign.artifacts import write_jsonl
+from nashalign.cli import main
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    write_jsonl(path, ({"prompt": [{"role": "user", "content": f"Say something {i}."}]} for i in range(6)))
+    return path
+
+
+def test_win_rate_of_a_model_against_itself(tmp_path, tiny_model_dir, prompts_file, monkeypatch, capsys):
+    """Policy = baseline = reference: KL(π‖π_ref) is exactly 0 (the same log-probs on every sample);
+    the win rate is an average of probabilities inside its bootstrap interval."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    oracle = tmp_path / "oracle.yaml"
+    oracle.write_text("oracle:\n  type: python\n  function: slow_judge:prefer_vowels\n")
+    out = tmp_path / "result.json"
+    status = main(["eval", "winrate", "--policy", str(tiny_model_dir), "--baseline", str(tiny_model_dir),
+                   "--prompts", str(prompts_file), "--oracle", str(oracle), "--max-new-tokens", "6",
+                   "--output", str(out)])
+    assert status == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    win = result["win_rate"]
+    assert result["prompts"] == 6 and 0 <= win["low"] <= win["estimate"] <= win["high"] <= 1
+    assert result["kl_to_ref"]["estimate"] == 0.0
+    assert result["policy_length"]["n"] == 6
+
+
+def test_baseline_responses_file_must_have_one_response_per_prompt(tmp_path, tiny_model_dir, prompts_file, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    oracle = tmp_path / "oracle.yaml"
+    oracle.write_text("type: python\nfunction: slow_judge:prefer_vowels\n")
+    baseline = tmp_path / "baseline.jsonl"
+    write_jsonl(baseline, [{"response": "hello"}] * 5)
+    status = main(["eval", "winrate", "--policy", str(tiny_model_dir), "--baseline", str(baseline),
+                   "--prompts", str(prompts_file), "--oracle", str(oracle), "--max-new-tokens", "4"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "baseline.jsonl: 5 responses, expected one per prompt (6)" in err and "Traceback" not in err
+
+
+def test_ranking_accuracy_and_idealized(tmp_path, tiny_model_dir, capsys):
+    """With --ref equal to the model every implicit-reward margin is 0, counted ½. With β → 0 the DPO
+    optimum ranks by logit(p) alone: p = 0.9 everywhere gives idealized accuracy 1, p = 0.1 gives 0."""
+    data = tmp_path / "pairs.jsonl"
+    for p, expected in ((0.9, 1.0), (0.1, 0.0)):
+        write_jsonl(data, ({"prompt": f"Q{i}: ", "chosen": "yes", "rejected": "no no", "pref_prob": p} for i in range(4)))
+        assert main(["eval", "ranking", "--model", str(tiny_model_dir), "--data", str(data),
+                     "--ref", str(tiny_model_dir), "--beta", "1e-9"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["pairs"] == 4
+        assert result["implicit_reward"] == 0.5
+        assert result["idealized"] == expected
+        assert 0 <= result["summed"] <= 1 and 0 <= result["length_normalized"] <= 1
