@@ -48,15 +48,15 @@ class DemoSettings:
     """Everything the demo does, with defaults that finish in minutes on 2 CPU cores."""
 
     output_dir: str = "runs/demo"
-    iterations: int = 5
+    iterations: int = 6
     algorithms: tuple[str, ...] = ("inpo", "iterative-dpo")
     seed: int = 0
     tau: float = 0.1
     eta: float = 0.3
     dpo_beta: float = 0.1
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = 16
     lr: float = 1e-3
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 32
     sft_steps: int = 250
     sft_lr: float = 3e-3
