@@ -212,6 +212,47 @@ def test_killed_run_resumes_to_the_uninterrupted_result(model_dirs, tokenizer, t
     assert len(strip) == 6
 
 
+def test_cli_run_killed_with_sigkill_resumes_exactly(model_dirs, tmp_path):
+    """A real `nashalign train` process, checkpointing every step, is SIGKILLed as soon as its first
+    complete checkpoint appears (possibly in the middle of writing the next one); `--resume auto`
+    finishes it, and parameters and per-step metrics equal an uninterrupted run of the same config."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def arguments(out):
+        return ["train", "--config", str(ROOT / "configs" / "train-tiny.yaml"),
+                "--set", f"model.name_or_path={model_dirs['policy']}", "--set", f"output.dir={out}",
+                "--set", f"data.train_file={ROOT / 'configs' / 'train-tiny-pairs.jsonl'}",
+                "--set", "optim.epochs=8", "--set", "output.save_steps=1", "--set", "output.save_total_limit=2"]
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "nashalign.cli", *arguments(killed)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while latest_checkpoint(killed / "checkpoints") is None and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    steps_before_resume = len(read_metrics(killed))
+    assert steps_before_resume < 24
+
+    assert cli.main(arguments(killed)) == 0
+    whole = tmp_path / "whole"
+    assert cli.main(arguments(whole)) == 0
+    expected, got = final_state(whole), final_state(killed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-7)
+    strip = [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in read_metrics(whole)]
+    assert [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in read_metrics(killed)] == strip
+    assert len(strip) == 24
+
+
 def test_resume_refuses_a_different_run(model_dirs, tokenizer, tmp_path):
     pairs = make_pairs(tokenizer, 4, seed=5)
     config = make_config(model_dirs, tmp_path, optim={"per_device_batch_size": 2, "epochs": 2},
