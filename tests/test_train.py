@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nashalign import NashalignError, cli
+from nashalign import NashalignError, cli, scoring
 from nashalign import train as train_module
 from nashalign.checkpoint import checkpoint_name, latest_checkpoint
 from nashalign.config import TrainConfig, from_mapping, load_config
@@ -290,7 +290,8 @@ def test_reference_models_are_freed_before_training_and_cached(model_dirs, token
         model.register_forward_hook(count, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(train_module, "load_model", spy)
+    monkeypatch.setattr(train_module, "load_model", spy)  # the policy
+    monkeypatch.setattr(scoring, "load_model", spy)  # the reference and previous iterate
     pairs = make_pairs(tokenizer, 4, seed=7)
     cache = tmp_path / "cache"
     model_section = {"ref_name_or_path": str(model_dirs["ref"]), "prev_name_or_path": str(model_dirs["prev"])}
