@@ -101,7 +101,7 @@ def test_batch_dpo_loss_equals_sequences_scored_alone(model_dirs, tokenizer, tmp
         loss_i = −log σ(β·[(π(c_i) − ref(c_i)) − (π(r_i) − ref(r_i))])
 
     with every log-prob computed by scoring each prompt+response alone, unpadded (float32, 1e-5).
-    The reference is a different model, so the loss is not the trivial log 2.
+    The reference is a different model, so the loss is not the trivial log 2. Also with the SFT term.
     """
     from transformers import AutoModelForCausalLM
 
@@ -129,6 +129,13 @@ def test_batch_dpo_loss_equals_sequences_scored_alone(model_dirs, tokenizer, tmp
     with torch.no_grad():
         losses, _ = batch_losses(policy, batch, build_loss(config.loss), references)
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
+
+    # loss.sft_weight w adds w · (−log π(c) / |c|), the chosen response's mean token NLL.
+    nll = torch.stack([-alone_logp(policy, p.prompt_ids, p.chosen_ids) / len(p.chosen_ids) for p in pairs]).float()
+    with_sft = make_config(model_dirs, tmp_path, loss={"name": "dpo", "beta": beta, "sft_weight": 0.3})
+    with torch.no_grad():
+        losses, _ = batch_losses(policy, batch, build_loss(with_sft.loss), references)
+    torch.testing.assert_close(losses, expected + 0.3 * nll, rtol=1e-5, atol=1e-5)
 
     result = train_pairs(str(model_dirs["policy"]), pairs, config, tmp_path, tokenizer=tokenizer)
     (first,) = read_metrics(tmp_path)
