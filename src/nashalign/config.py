@@ -101,7 +101,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = _field("float32", "dtype the weights are loaded in")
     mixed_precision: Literal["no", "bf16"] = _field("no", "bf16: bfloat16 autocast of forward passes")
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass")
-    disable_dropout: bool = _field(True, "set every dropout probability of the policy to 0 (as TRL)")
+    disable_dropout: bool = _field(True, "set the base model's dropout probabilities to 0, as TRL (LoRA keeps its own)")
     lora: LoraSettings | None = _field(None, "LoRA adapters through peft; off unless this section is set")
 
 

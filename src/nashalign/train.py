@@ -23,6 +23,7 @@ precomputed reference / previous-iterate log-probs (the online loop's entry poin
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.util
 import json
 import logging
@@ -104,6 +105,8 @@ def _prepare_policy(model, config: TrainConfig, resume_from: Path | None):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.model.disable_dropout:  # before LoRA, whose own dropout is model.lora.dropout
+        _disable_dropout(model)
     lora = config.model.lora
     if lora is not None:
         import peft
@@ -119,8 +122,6 @@ def _prepare_policy(model, config: TrainConfig, resume_from: Path | None):
                 task_type="CAUSAL_LM",
             )
             model = peft.get_peft_model(model, peft_config)
-    if config.model.disable_dropout:
-        _disable_dropout(model)
     return model.train()
 
 
@@ -133,8 +134,6 @@ def _epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
 
 
 def _data_fingerprint(pairs: list[TokenizedPair]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for pair in pairs:
         digest.update(pair.content_hash().encode("ascii"))
