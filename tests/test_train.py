@@ -219,6 +219,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(model_dirs, tokenizer, t
     assert len(strip) == 6
 
 
+def test_run_killed_before_its_first_checkpoint_starts_over_with_clean_metrics(model_dirs, tokenizer, tmp_path):
+    """No checkpoint to resume from: the restarted run begins at step 1, and the steps logged by the
+    killed start are not kept (metrics.jsonl holds each step exactly once)."""
+    pairs = make_pairs(tokenizer, 4, seed=5)
+    config = make_config(model_dirs, tmp_path, loss={"name": "dpo"}, optim={"per_device_batch_size": 2})
+
+    def crash(step, metrics):
+        raise _Crash
+
+    with pytest.raises(_Crash):
+        train_pairs(str(model_dirs["policy"]), pairs, config, tmp_path, tokenizer=tokenizer, callback=crash)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+    train_pairs(str(model_dirs["policy"]), pairs, config, tmp_path, tokenizer=tokenizer)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+
+
 def test_cli_run_killed_with_sigkill_resumes_exactly(model_dirs, tmp_path):
     """A real `nashalign train` process, checkpointing every step, is SIGKILLed as soon as its first
     complete checkpoint appears (possibly in the middle of writing the next one); `--resume auto`

@@ -235,11 +235,13 @@ def train_pairs(
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints_dir, metrics_file, final_dir = run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "final"
     resume_from = checkpoint.latest_checkpoint(checkpoints_dir) if resume == "auto" else None
-    if resume == "never":  # start over: nothing of an earlier run in this directory may be resumed later
-        metrics_file.unlink(missing_ok=True)
-        shutil.rmtree(checkpoints_dir, ignore_errors=True)
-
     accelerator = _make_accelerator(config, run_dir)
+    if accelerator.is_main_process:
+        if resume == "never":  # start over: nothing of an earlier run in this directory may be resumed later
+            shutil.rmtree(checkpoints_dir, ignore_errors=True)
+        if resume_from is None:  # starting from step 0: metrics of an earlier, unfinished start are stale
+            metrics_file.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     # FSDP and DeepSpeed shard the optimizer state over the processes, and a checkpoint holds one
     # process's optimizer state: under them a phase writes only final/ and cannot resume mid-way.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
