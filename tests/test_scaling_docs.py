@@ -92,19 +92,17 @@ def test_every_config_named_in_scaling_docs_exists_and_loads(name, monkeypatch):
     assert load_named_config(path, monkeypatch) is not None
 
 
-def test_the_three_split_commands_of_the_docs_load():
-    """The `--set` overrides of the documented three-split command are valid OnlineConfig keys and
-    make a one-iteration run on split t from the previous policy, π_ref staying the SFT model."""
+def test_the_three_prompt_splits_of_the_docs_are_the_configs():
+    """The documented `prompts.files` block is the paper config's, one file per iteration, and
+    each iteration t reads its own file (the final policy's samples reuse the last)."""
+    from nashalign.online import prompt_file
+
     block = DOC.read_text().split("### Three prompt splits", 1)[1].split("###", 1)[0]
-    overrides = re.findall(r"--set (\S+)", block)
-    assert len(overrides) == 6
-    for t, policy in enumerate(["RLHFlow/LLaMA3-SFT", "runs/llama3-8b-inpo-split0/iter_0/train/final"]):
-        resolved = [item.replace("$t", str(t)).replace("$POLICY", policy) for item in overrides]
-        config = load_config(OnlineConfig, PAPER_CONFIG, resolved)
-        assert config.run.iterations == 1 and config.run.seed == t
-        assert config.prompts.file == f"data/prompts-split{t}.jsonl"
-        assert config.model.name_or_path == policy
-        assert config.model.ref_name_or_path == "RLHFlow/LLaMA3-SFT"
+    documented = yaml.safe_load(re.search(r"    prompts:\n(?:      .*\n)+", block).group(0))["prompts"]["files"]
+    config = load_config(OnlineConfig, PAPER_CONFIG)
+    assert config.prompts.files == documented and config.prompts.file is None
+    assert len(set(documented)) == config.run.iterations == 3
+    assert [prompt_file(config.prompts, t) for t in range(4)] == [*documented, documented[-1]]
 
 
 # --------------------------------------------------------------------------- accelerate configs
@@ -186,6 +184,7 @@ def test_paper_config_holds_the_papers_setting(monkeypatch):
     assert (config.optim.lr, config.optim.schedule, config.optim.warmup_ratio) == (5e-7, "cosine", 0.03)
     assert config.optim.epochs == 2 and config.run.iterations == 3
     assert config.sampling.samples_per_prompt == 8 and config.sampling.backend == "vllm"
+    assert len(config.prompts.files) == config.run.iterations  # a fresh third of the prompts per iteration
     assert config.pairs.method == "tournament"
     assert config.model.dtype == "bfloat16" and config.model.mixed_precision == "bf16"
     assert config.model.gradient_checkpointing

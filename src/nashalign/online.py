@@ -1,17 +1,29 @@
 """The online loop: T iterations of sample → judge → pairs → score → train, resumable at any moment.
 
     iter_<t>/generations.jsonl   K responses per prompt sampled from π_t (token ids + finish reason)
+    iter_<t>/next_generations.jsonl  with prompts.files only: π_{t+1}'s samples of iteration t's
+                                 prompts (for the summary's win rate; otherwise iter_<t+1>'s are used)
     iter_<t>/judgments.jsonl     every oracle comparison made while building pairs
     iter_<t>/pair_stats.json     pairs kept / dropped, comparisons, judge calls
     iter_<t>/pairs.jsonl         (y_w, y_l) pairs; written last, so it marks the judging stage complete
     iter_<t>/logps.safetensors   summed log-probs of every pair under π_ref and π_t
     iter_<t>/train/              the training phase (its own checkpoints/, metrics.jsonl, final/)
     iter_<t>/summary.json        the iteration's summary row, written once π_{t+1} has been sampled
-    iter_<T>/generations.jsonl   samples of the final policy (for the last summary row's win rate)
+    iter_<T>/generations.jsonl   samples of the final policy on the last iteration's prompts (for the
+                                 last summary row's win rate)
 
 Each artifact is written atomically (nashalign.artifacts), and a stage whose artifact exists is
 skipped on restart; training resumes from its newest complete checkpoint. Every random draw is seeded
 from (run.seed, t), so a killed and rerun loop reaches the same weights as an uninterrupted one.
+
+Under `accelerate launch` every process runs this loop and the stages are split over the processes
+(nashalign.sharding): sampling by prompt, into one shard file per process that the main process
+merges; each oracle call by rows; scoring by pair; training data parallel. Only the main process
+writes shared artifacts, the others wait at barriers, and every process takes the main process's
+view of which stages are complete, so the artifacts equal a one-process run's with the same seed.
+
+Prompts: `prompts.file` for every iteration, or `prompts.files`, one file per iteration (the paper
+answers a fresh third of its prompts in each).
 
 Algorithms (run.algorithm) differ in the loss, the reference and the default pair construction:
     inpo            loss inpo; π_ref fixed, π_t the previous iterate; tournament pairs (the paper)
@@ -33,6 +45,7 @@ import numpy as np
 from nashalign import NashalignError
 from nashalign.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from nashalign.config import (
+    ConfigFieldError,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -45,6 +58,7 @@ from nashalign.config import (
     validated,
 )
 from nashalign.data import TokenizedPair
+from nashalign.sharding import from_main, process_group_kept, process_state, split_oracle
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +81,18 @@ class RunSettings:
 
 @dataclasses.dataclass
 class PromptsConfig:
-    file: str | None = _field(None, "prompts: .jsonl / .json / .parquet / datasets dir (required)")
+    file: str | None = _field(None, "prompts of every iteration: .jsonl / .json / .parquet / datasets dir")
+    files: list[str] | None = _field(
+        None, "instead of file: one prompts file per iteration, as many as run.iterations"
+    )
     field: str = _field("prompt", "the record field holding the prompt (a string or a list of messages)")
-    limit: int | None = _field(None, "use only the first this many prompts", ge=1)
+    limit: int | None = _field(None, "use only the first this many prompts (of each file)", ge=1)
+
+    def check(self) -> None:
+        if self.file is not None and self.files is not None:
+            raise ConfigFieldError("files", "set prompts.file or prompts.files, not both")
+        if self.files is not None and not self.files:
+            raise ConfigFieldError("files", "expected a list of one prompts file per iteration, got []")
 
 
 @dataclasses.dataclass
@@ -107,6 +130,14 @@ class OnlineConfig:
     optim: OptimConfig = _field(help="the optimizer of each iteration's training phase", factory=OptimConfig)
     output: OutputConfig = _field(help="checkpointing and logging of each training phase", factory=OutputConfig)
 
+    def check(self) -> None:
+        files = self.prompts.files
+        if files is not None and len(files) != self.run.iterations:
+            raise ConfigFieldError(
+                "prompts",
+                f"files: expected one file per iteration, {self.run.iterations} (run.iterations), got {len(files)}",
+            )
+
 
 @dataclasses.dataclass
 class OnlineResult:
@@ -118,14 +149,27 @@ class OnlineResult:
 # --------------------------------------------------------------------------- prompts
 
 
-def load_prompts(config: PromptsConfig) -> list[str | list[dict]]:
-    """The prompts of `config.file`, each a string or a list of {"role", "content"} messages."""
+def prompt_file(config: PromptsConfig, t: int) -> str:
+    """The prompts file of iteration t: `file`, or `files[t]` (the last one for t = T, whose
+    samples of the final policy only serve the last summary row)."""
+    if config.files is not None:
+        return config.files[min(t, len(config.files) - 1)]
+    if config.file is None:
+        raise NashalignError(
+            "prompts.file: required (a .jsonl/.json/.parquet file or a datasets directory), "
+            "or prompts.files: one per iteration"
+        )
+    return config.file
+
+
+def load_prompts(config: PromptsConfig, t: int = 0) -> list[str | list[dict]]:
+    """The prompts of iteration t (see prompt_file), each a string or a list of {"role", "content"}
+    messages."""
     from nashalign.records import read_rows
 
-    if config.file is None:
-        raise NashalignError("prompts.file: required (a .jsonl/.json/.parquet file or a datasets directory)")
+    file = prompt_file(config, t)
     prompts = []
-    for where, row in read_rows(config.file):
+    for where, row in read_rows(file):
         value = row.get(config.field) if isinstance(row, dict) else None
         ok_messages = isinstance(value, list) and value and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -140,7 +184,7 @@ def load_prompts(config: PromptsConfig) -> list[str | list[dict]]:
         if config.limit and len(prompts) >= config.limit:
             break
     if not prompts:
-        raise NashalignError(f"{config.file}: no prompts")
+        raise NashalignError(f"{file}: no prompts")
     return prompts
 
 
@@ -162,29 +206,75 @@ def judge_text(prompt: str | list[dict]) -> str:
     return users[-1] if users else prompt[-1]["content"]
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """One file's prompts in the three forms the loop uses, aligned by prompt index."""
+
+    file: str
+    rendered: list[str]  # what the policy continues (chat template applied)
+    judge: list[str]  # what the oracle sees
+    ids: list[list[int]]  # `rendered` tokenized, without added special tokens
+
+
+def prompt_set(config: PromptsConfig, t: int, tokenizer) -> PromptSet:
+    prompts = load_prompts(config, t)
+    rendered = [render_prompt(p, tokenizer) for p in prompts]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
+    return PromptSet(prompt_file(config, t), rendered, [judge_text(p) for p in prompts], ids)
+
+
 # --------------------------------------------------------------------------- stages
 
 
-def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], config: OnlineConfig, t: int):
-    """Stage 1: K samples per prompt from π_t → generations.jsonl (one row per sample)."""
-    if path.exists():
-        return _read_generations(path, len(rendered), config.sampling.samples_per_prompt)
-    from nashalign.sampling import make_sampler
+def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], config: OnlineConfig, seed: int,
+              state, progress: bool) -> list[list[dict]]:
+    """Stage 1: K samples per prompt from the policy → `path` (one row per sample), in prompt order.
+
+    Process r of N samples prompts r, r + N, ... into `<stem>.shard-r-of-N.jsonl` (kept if an
+    interrupted run finished it: a sample depends only on the seed and its prompt index), then the
+    main process merges the shards into `path` and deletes them.
+    """
+    k = config.sampling.samples_per_prompt
+    if not from_main(state, path.exists):
+        rank, processes = state.process_index, state.num_processes
+        shard = path.with_name(f"{path.stem}.shard-{rank}-of-{processes}.jsonl")
+        if not shard.exists():
+            mine = list(range(rank, len(rendered), processes))
+            rows = _sample(policy_path, tokenizer, [rendered[p] for p in mine], mine, config, seed, state,
+                           progress) if mine else []
+            write_jsonl(shard, rows)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shards = [path.with_name(f"{path.stem}.shard-{r}-of-{processes}.jsonl") for r in range(processes)]
+            rows = sorted((row for part in shards for row in read_jsonl(part)),
+                          key=lambda row: (row["prompt_index"], row["sample_index"]))
+            write_jsonl(path, rows)
+            for leftover in path.parent.glob(f"{path.stem}.shard-*.jsonl"):  # also those of another N
+                leftover.unlink()
+        state.wait_for_everyone()
+    return _read_generations(path, len(rendered), k)
+
+
+def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int], config: OnlineConfig, seed: int,
+            state, progress: bool) -> list[dict]:
+    """K samples of each prompt (keyed by its index in the file, which seeds its samples) as rows."""
+    from nashalign.sampling import TransformersSampler, make_sampler
 
     s = config.sampling
     sampler = make_sampler(
         s.backend, policy_path, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, batch_size=s.batch_size, seed=_seed(config.run.seed, t, 0),
+        top_p=s.top_p, batch_size=s.batch_size, seed=seed,
         tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto",
     )
-    groups = sampler.generate(rendered, s.samples_per_prompt)
+    if isinstance(sampler, TransformersSampler):
+        sampler.model.to(state.device)  # this process's device (its own GPU under accelerate launch)
+    groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
+                              progress=progress and state.is_local_main_process)
     if hasattr(sampler, "close"):
         sampler.close()
     del sampler
     gc.collect()
-    rows = [dataclasses.asdict(g) for group in groups for g in group]
-    write_jsonl(path, rows)
-    return _read_generations(path, len(rendered), s.samples_per_prompt)
+    return [dataclasses.asdict(g) for group in groups for g in group]
 
 
 def _read_generations(path: Path, num_prompts: int, k: int) -> list[list[dict]]:
@@ -196,26 +286,31 @@ def _read_generations(path: Path, num_prompts: int, k: int) -> list[list[dict]]:
     return groups
 
 
-def _judge(it: Path, oracle, judge_prompts: list[str], groups, config: OnlineConfig, t: int):
-    """Stage 2: build pairs with the oracle → judgments.jsonl, pair_stats.json, pairs.jsonl (last)."""
-    pairs_path = it / "pairs.jsonl"
-    if pairs_path.exists():
-        return read_jsonl(pairs_path), read_json(it / "pair_stats.json")
-    from nashalign.pairs import make_pairs
+def _judge(it: Path, oracle, judge_prompts: list[str], groups, config: OnlineConfig, t: int, state):
+    """Stage 2: build pairs with the oracle → judgments.jsonl, pair_stats.json, pairs.jsonl (last).
 
-    loss_name, _, default_method = ALGORITHMS[config.run.algorithm]
-    method = default_method if config.pairs.method == "auto" else config.pairs.method
-    calls_before = oracle.counts.judge_calls
-    result = make_pairs(
-        method, oracle, judge_prompts, [[g["text"] for g in group] for group in groups],
-        decide=config.pairs.decide, rng=np.random.default_rng(_seed(config.run.seed, t, 1)),
-        score=config.pairs.score, win_rates=loss_name == "sppo",
-    )
-    stats = {**result.stats.as_dict(), "method": method, "judge_calls": oracle.counts.judge_calls - calls_before}
-    write_jsonl(it / "judgments.jsonl", (j.to_dict() for j in result.judgments))
-    write_json(it / "pair_stats.json", stats)
-    write_jsonl(pairs_path, (p.to_dict() for p in result.pairs))
-    return read_jsonl(pairs_path), stats
+    Every process builds the same pairs (same answers, same seeded draws); the oracle's calls are
+    split over the processes (SplitOracle) and the main process writes."""
+    pairs_path = it / "pairs.jsonl"
+    if not from_main(state, pairs_path.exists):
+        from nashalign.pairs import make_pairs
+
+        loss_name, _, default_method = ALGORITHMS[config.run.algorithm]
+        method = default_method if config.pairs.method == "auto" else config.pairs.method
+        calls_before = oracle.counts.judge_calls
+        result = make_pairs(
+            method, oracle, judge_prompts, [[g["text"] for g in group] for group in groups],
+            decide=config.pairs.decide, rng=np.random.default_rng(_seed(config.run.seed, t, 1)),
+            score=config.pairs.score, win_rates=loss_name == "sppo",
+        )
+        stats = {**result.stats.as_dict(), "method": method,
+                 "judge_calls": oracle.counts.judge_calls - calls_before}
+        if state.is_main_process:
+            write_jsonl(it / "judgments.jsonl", (j.to_dict() for j in result.judgments))
+            write_json(it / "pair_stats.json", stats)
+            write_jsonl(pairs_path, (p.to_dict() for p in result.pairs))
+        state.wait_for_everyone()
+    return read_jsonl(pairs_path), read_json(it / "pair_stats.json")
 
 
 def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_id: int) -> list[TokenizedPair]:
@@ -236,42 +331,44 @@ def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_
     return out
 
 
-def _score(it: Path, pairs: list[TokenizedPair], policy_path: str, ref_path: str, config: OnlineConfig, tokenizer):
-    """Stage 3: summed log-probs of every pair under π_ref and π_t → logps.safetensors."""
+def _score(it: Path, pairs: list[TokenizedPair], policy_path: str, ref_path: str, config: OnlineConfig, tokenizer,
+           state):
+    """Stage 3: summed log-probs of every pair under π_ref and π_t → logps.safetensors.
+
+    Through nashalign.train.reference_logps and the run's log-prob cache: with several processes
+    each scores every N-th pair and the main process writes the cache (accelerate's PartialState
+    carries what that needs of an Accelerator: process index and count, barriers)."""
     from safetensors.torch import load_file, save
 
     path = it / "logps.safetensors"
-    if path.exists():
-        return load_file(path)
-    from nashalign.artifacts import atomic_write_bytes
-    from nashalign.cache import LogpCache, score_pairs
-    from nashalign.data import collate_pairs
-    from nashalign.train import load_model
+    if not from_main(state, path.exists):
+        from nashalign.artifacts import atomic_write_bytes
+        from nashalign.train import reference_logps
 
-    _, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
-    cache = LogpCache(Path(config.run.dir) / config.run.name / "logp_cache")
-    roles = {"prev": policy_path} if ref_is_current else {"ref": ref_path, "prev": policy_path}
-    tensors = {}
-    for role, source in roles.items():
-        model = load_model(source, config.model)
-        scored = score_pairs(
-            model, pairs, batch_size=config.data.scoring_batch_size, cache=cache,
-            collate_fn=lambda batch: collate_pairs(batch, tokenizer.pad_token_id),
+        _, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
+        scoring = TrainConfig(  # the roles reference_logps scores for inpo: ref and prev (one model if equal)
+            model=dataclasses.replace(config.model, ref_name_or_path=policy_path if ref_is_current else ref_path,
+                                      prev_name_or_path=policy_path),
+            data=config.data, loss=dataclasses.replace(config.loss, name="inpo"),
         )
-        tensors[f"{role}_chosen"] = scored["chosen_logps"].float().contiguous()
-        tensors[f"{role}_rejected"] = scored["rejected_logps"].float().contiguous()
-        del model
-        gc.collect()
-    atomic_write_bytes(path, save(tensors))
+        scored = reference_logps(None, pairs, scoring, Path(config.run.dir) / config.run.name / "logp_cache",
+                                 tokenizer.pad_token_id, state.device, accelerator=state)
+        roles = ("prev",) if ref_is_current else ("ref", "prev")
+        # clone: ref and prev are one tensor when one model scored both, and safetensors stores no shared memory
+        tensors = {f"{role}_{side}": scored[role][side].float().clone().contiguous()
+                   for role in roles for side in ("chosen", "rejected")}
+        if state.is_main_process:
+            atomic_write_bytes(path, save(tensors))
+        state.wait_for_everyone()
     return load_file(path)
 
 
-def _train(it: Path, pairs, logps, policy_path: str, config: OnlineConfig, tokenizer, t: int) -> Path:
+def _train(it: Path, pairs, logps, policy_path: str, config: OnlineConfig, tokenizer, t: int, state) -> Path:
     """Stage 4: one training phase from π_t on the pairs → π_{t+1} at iter_<t>/train/final."""
     from nashalign.train import train_pairs
 
     final = it / "train" / "final"
-    if final.exists():
+    if from_main(state, final.exists):
         return final
     loss_name, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
     train_config = TrainConfig(
@@ -286,17 +383,18 @@ def _train(it: Path, pairs, logps, policy_path: str, config: OnlineConfig, token
         ref, prev_arg = prev, None
     else:
         ref, prev_arg = {"chosen": logps["ref_chosen"], "rejected": logps["ref_rejected"]}, prev
-    result = train_pairs(
-        policy_path, pairs, train_config, it / "train", tokenizer=tokenizer, ref_logps=ref, prev_logps=prev_arg,
-    )
+    with process_group_kept():
+        result = train_pairs(
+            policy_path, pairs, train_config, it / "train", tokenizer=tokenizer, ref_logps=ref, prev_logps=prev_arg,
+        )
     return result.final_dir
 
 
-def _summary(it: Path, t: int, groups, next_groups, oracle, judge_prompts, stats) -> dict[str, Any]:
+def _summary(it: Path, t: int, groups, next_groups, oracle, judge_prompts, stats, state) -> dict[str, Any]:
     """The iteration's summary row; the win rate of π_{t+1} over π_t pairs sample j of each prompt
     under π_{t+1} with sample j under π_t, judged by the oracle (P, not a draw)."""
     path = it / "summary.json"
-    if path.exists():
+    if from_main(state, path.exists):
         return read_json(path)
     first = [g["text"] for group in next_groups for g in group]
     second = [g["text"] for group in groups for g in group]
@@ -317,7 +415,8 @@ def _summary(it: Path, t: int, groups, next_groups, oracle, judge_prompts, stats
         "loss": last.get("loss"),
         "win_rate_next_vs_current": float(np.mean(probs)),
     }
-    write_json(path, row)
+    if state.is_main_process:
+        write_json(path, row)
     return row
 
 
@@ -328,69 +427,91 @@ def _seed(seed: int, t: int, stage: int) -> int:
 # --------------------------------------------------------------------------- the loop
 
 
-def _check_run_dir(run_dir: Path, config: OnlineConfig) -> None:
-    """A run directory belongs to one config: resuming with another would mix artifacts."""
+def _run_dir_problem(run_dir: Path, config: OnlineConfig) -> str | None:
+    """A run directory belongs to one config: resuming with another would mix artifacts. Saves the
+    config in a new run directory."""
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        import yaml
-
-        if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(to_dict(config), sort_keys=False)):
-            raise NashalignError(
-                f"{saved}: this run directory was made with a different config; use another run.name "
-                "(or delete the directory to start over)"
-            )
-    else:
+    if not saved.exists():
         dump_config(config, saved)
+        return None
+    import yaml
+
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(to_dict(config), sort_keys=False)):
+        return (f"{saved}: this run directory was made with a different config; use another run.name "
+                "(or delete the directory to start over)")
+    return None
 
 
 def run_online(
     config: OnlineConfig, *, oracle=None, on_iteration=None, progress: bool = True
 ) -> OnlineResult:
     """Run (or resume) the online loop. `oracle` overrides `config.oracle` (a Python object);
-    `on_iteration(t, summary_row, policy_path)` is called as each iteration's summary completes."""
-    from nashalign.oracles import build_oracle
+    `on_iteration(t, summary_row, policy_path)` is called as each iteration's summary completes.
+
+    Under `accelerate launch` every process calls this with the same config (and an equal `oracle`
+    object, if any) and gets the same result; the process group stays initialized for the caller
+    (the CLI destroys it). `progress`: progress bars, on the local main process only.
+    """
     from nashalign.train import load_tokenizer
 
     config = validated(config)
+    state = process_state()
     if config.run.algorithm not in ALGORITHMS:
         raise NashalignError(f"run.algorithm: expected one of {', '.join(ALGORITHMS)}, got {config.run.algorithm!r}")
-    if oracle is None:
-        if config.oracle is None:
-            raise NashalignError("oracle: required (a mapping with a 'type' key), or pass an oracle object")
-        oracle = build_oracle(config.oracle, where="oracle")
+    if config.sampling.backend == "vllm" and state.num_processes > 1:
+        raise NashalignError(
+            f"sampling.backend: 'vllm' is not supported with several processes yet ({state.num_processes} "
+            "launched); use 'transformers', or 'auto', which samples with transformers then"
+        )
+    oracle = split_oracle(oracle, config.oracle, state)
     run_dir = Path(config.run.dir) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_dir(run_dir, config)
+    problem = from_main(state, lambda: _run_dir_problem(run_dir, config))
+    if problem is not None:
+        raise NashalignError(problem)
 
     tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path, config.model)
-    prompts = load_prompts(config.prompts)
-    rendered = [render_prompt(p, tokenizer) for p in prompts]
-    judge_prompts = [judge_text(p) for p in prompts]
-    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
+    prompt_sets: dict[str, PromptSet] = {}
+
+    def prompts_of(t: int) -> PromptSet:
+        file = prompt_file(config.prompts, t)
+        if file not in prompt_sets:
+            prompt_sets[file] = prompt_set(config.prompts, t, tokenizer)
+        return prompt_sets[file]
+
     ref_path = config.model.ref_name_or_path or config.model.name_or_path
     policy_path = config.model.name_or_path
     summaries: list[dict[str, Any]] = []
-    previous = None  # (iteration dir, groups, pair stats) of t − 1, whose summary needs π_t's samples
+    previous = None  # (iteration dir, prompts, groups, pair stats) of t − 1, whose summary needs π_t's samples
 
     for t in range(config.run.iterations + 1):
         it = run_dir / f"iter_{t}"
         it.mkdir(exist_ok=True)
-        groups = _generate(it / "generations.jsonl", str(policy_path), tokenizer, rendered, config, t)
+        current = prompts_of(t)
+        groups = _generate(it / "generations.jsonl", str(policy_path), tokenizer, current.rendered, config,
+                           _seed(config.run.seed, t, 0), state, progress)
         if previous is not None:
-            row = _summary(previous[0], t - 1, previous[1], groups, oracle, judge_prompts, previous[2])
+            before, before_prompts, before_groups, before_stats = previous
+            next_groups = groups if before_prompts.file == current.file else _generate(
+                before / "next_generations.jsonl", str(policy_path), tokenizer, before_prompts.rendered, config,
+                _seed(config.run.seed, t - 1, 3), state, progress,
+            )
+            row = _summary(before, t - 1, before_groups, next_groups, oracle, before_prompts.judge, before_stats, state)
             summaries.append(row)
-            _log_summary(row)
+            if state.is_main_process:
+                _log_summary(row)
             if on_iteration is not None:
                 on_iteration(t - 1, row, policy_path)
         if t == config.run.iterations:
             break
-        pairs, stats = _judge(it, oracle, judge_prompts, groups, config, t)
+        pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
         if not pairs:
             raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
-        tokenized = tokenized_pairs(pairs, groups, prompt_ids, tokenizer.eos_token_id)
-        logps = _score(it, tokenized, str(policy_path), str(ref_path), config, tokenizer)
-        policy_path = _train(it, tokenized, logps, str(policy_path), config, tokenizer, t)
-        previous = (it, groups, stats)
+        tokenized = tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id)
+        logps = _score(it, tokenized, str(policy_path), str(ref_path), config, tokenizer, state)
+        policy_path = _train(it, tokenized, logps, str(policy_path), config, tokenizer, t, state)
+        previous = (it, current, groups, stats)
+    state.wait_for_everyone()  # no process returns before the main process has written everything
     return OnlineResult(run_dir, Path(policy_path), summaries)
 
 

@@ -30,9 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from nashalign.train import train
 
     result = train(config, resume=args.resume)
-    shown = ("loss", "rewards/accuracy", "rewards/margin")
-    summary = ", ".join(f"{key} {result.metrics[key]:.4g}" for key in shown if key in result.metrics)
-    print(f"trained {result.global_step} steps ({summary})")
-    print(f"final model: {result.final_dir}")
-    print(f"metrics: {result.metrics_file}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
+        shown = ("loss", "rewards/accuracy", "rewards/margin")
+        summary = ", ".join(f"{key} {result.metrics[key]:.4g}" for key in shown if key in result.metrics)
+        print(f"trained {result.global_step} steps ({summary})")
+        print(f"final model: {result.final_dir}")
+        print(f"metrics: {result.metrics_file}")
     return 0
