@@ -63,7 +63,8 @@ def test_split_oracle_keeps_a_reward_models_score():
 def test_a_finished_sampling_shard_is_kept_and_merged(tmp_path):
     """An interrupted run's complete shard is not sampled again: generations.jsonl is merged from it
     in (prompt, sample) order (the policy path does not even exist, so sampling would fail), and
-    every shard file, also a stale one of another process count, is removed."""
+    every shard file, also a stale one of another process count, is removed, also when the merged
+    file already exists."""
     from nashalign.config import from_mapping
     from nashalign.online import OnlineConfig, _generate
 
@@ -78,3 +79,7 @@ def test_a_finished_sampling_shard_is_kept_and_merged(tmp_path):
     assert [[g["text"] for g in group] for group in groups] == [["0.0", "0.1"], ["1.0", "1.1"]]
     assert [row["text"] for row in read_jsonl(path)] == ["0.0", "0.1", "1.0", "1.1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl"]
+    # A shard left by a kill between the merge and the clean-up goes on the next run, which samples nothing.
+    write_jsonl(tmp_path / "generations.shard-0-of-1.jsonl", rows[:1])
+    again = _generate(path, str(tmp_path / "absent"), None, ["first", "second"], config, 0, process_state(), False)
+    assert again == groups and sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl"]

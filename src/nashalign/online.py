@@ -58,7 +58,22 @@ from nashalign.config import (
     validated,
 )
 from nashalign.data import TokenizedPair
+from nashalign.prompts import (
+    PromptsConfig,
+    PromptSet,
+    judge_text,
+    load_prompts,
+    prompt_file,
+    prompt_set,
+    render_prompt,
+)
 from nashalign.sharding import from_main, process_group_kept, process_state, split_oracle
+
+__all__ = [  # the prompt helpers are nashalign.prompts', re-exported for the loop's users
+    "ALGORITHMS", "OnlineConfig", "OnlineResult", "PairSettings", "PromptsConfig", "RunSettings",
+    "SamplingSettings", "format_summary_table", "judge_text", "load_prompts", "prompt_file", "render_prompt",
+    "run_online", "tokenized_pairs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +92,6 @@ class RunSettings:
     algorithm: Literal["inpo", "iterative-dpo", "sppo"] = _field("inpo", "which online algorithm")
     iterations: int = _field(3, "T: online iterations (the paper uses 3)", ge=1)
     seed: int = _field(0, "seed of sampling, pair decisions and training", ge=0)
-
-
-@dataclasses.dataclass
-class PromptsConfig:
-    file: str | None = _field(None, "prompts of every iteration: .jsonl / .json / .parquet / datasets dir")
-    files: list[str] | None = _field(
-        None, "instead of file: one prompts file per iteration, as many as run.iterations"
-    )
-    field: str = _field("prompt", "the record field holding the prompt (a string or a list of messages)")
-    limit: int | None = _field(None, "use only the first this many prompts (of each file)", ge=1)
-
-    def check(self) -> None:
-        if self.file is not None and self.files is not None:
-            raise ConfigFieldError("files", "set prompts.file or prompts.files, not both")
-        if self.files is not None and not self.files:
-            raise ConfigFieldError("files", "expected a list of one prompts file per iteration, got []")
 
 
 @dataclasses.dataclass
@@ -146,83 +145,6 @@ class OnlineResult:
     summaries: list[dict[str, Any]]
 
 
-# --------------------------------------------------------------------------- prompts
-
-
-def prompt_file(config: PromptsConfig, t: int) -> str:
-    """The prompts file of iteration t: `file`, or `files[t]` (the last one for t = T, whose
-    samples of the final policy only serve the last summary row)."""
-    if config.files is not None:
-        return config.files[min(t, len(config.files) - 1)]
-    if config.file is None:
-        raise NashalignError(
-            "prompts.file: required (a .jsonl/.json/.parquet file or a datasets directory), "
-            "or prompts.files: one per iteration"
-        )
-    return config.file
-
-
-def load_prompts(config: PromptsConfig, t: int = 0) -> list[str | list[dict]]:
-    """The prompts of iteration t (see prompt_file), each a string or a list of {"role", "content"}
-    messages."""
-    from nashalign.records import read_rows
-
-    file = prompt_file(config, t)
-    prompts = []
-    for where, row in read_rows(file):
-        value = row.get(config.field) if isinstance(row, dict) else None
-        ok_messages = isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-        if not (isinstance(value, str) and value.strip()) and not ok_messages:
-            raise NashalignError(
-                f"{where}: field {config.field!r}: expected a non-empty string or a list of "
-                f"{{'role', 'content'}} messages, got {type(value).__name__}"
-            )
-        prompts.append(value)
-        if config.limit and len(prompts) >= config.limit:
-            break
-    if not prompts:
-        raise NashalignError(f"{file}: no prompts")
-    return prompts
-
-
-def render_prompt(prompt: str | list[dict], tokenizer) -> str:
-    """The text the policy continues: messages through the chat template (with the generation
-    prompt); a plain string is used as it is."""
-    if isinstance(prompt, str):
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise NashalignError("a prompt is a list of messages, but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def judge_text(prompt: str | list[dict]) -> str:
-    """What the oracle sees as the prompt: the string itself, or the last user message's content."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else prompt[-1]["content"]
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptSet:
-    """One file's prompts in the three forms the loop uses, aligned by prompt index."""
-
-    file: str
-    rendered: list[str]  # what the policy continues (chat template applied)
-    judge: list[str]  # what the oracle sees
-    ids: list[list[int]]  # `rendered` tokenized, without added special tokens
-
-
-def prompt_set(config: PromptsConfig, t: int, tokenizer) -> PromptSet:
-    prompts = load_prompts(config, t)
-    rendered = [render_prompt(p, tokenizer) for p in prompts]
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
-    return PromptSet(prompt_file(config, t), rendered, [judge_text(p) for p in prompts], ids)
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -232,7 +154,7 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
 
     Process r of N samples prompts r, r + N, ... into `<stem>.shard-r-of-N.jsonl` (kept if an
     interrupted run finished it: a sample depends only on the seed and its prompt index), then the
-    main process merges the shards into `path` and deletes them.
+    main process merges the shards into `path` and deletes them (and any left by earlier runs).
     """
     k = config.sampling.samples_per_prompt
     if not from_main(state, path.exists):
@@ -249,9 +171,10 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
             rows = sorted((row for part in shards for row in read_jsonl(part)),
                           key=lambda row: (row["prompt_index"], row["sample_index"]))
             write_jsonl(path, rows)
-            for leftover in path.parent.glob(f"{path.stem}.shard-*.jsonl"):  # also those of another N
-                leftover.unlink()
         state.wait_for_everyone()
+    if state.is_main_process:  # also shards of another process count, or left by a kill after the merge
+        for leftover in path.parent.glob(f"{path.stem}.shard-*.jsonl"):
+            leftover.unlink()
     return _read_generations(path, len(rendered), k)
 
 
@@ -261,8 +184,10 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
     from nashalign.sampling import TransformersSampler, make_sampler
 
     s = config.sampling
+    # vLLM runs in one process only for now (run_online refuses backend "vllm" with several)
+    backend = "transformers" if s.backend == "auto" and state.num_processes > 1 else s.backend
     sampler = make_sampler(
-        s.backend, policy_path, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        backend, policy_path, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
         top_p=s.top_p, batch_size=s.batch_size, seed=seed,
         tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto",
     )
@@ -446,7 +371,8 @@ def run_online(
     config: OnlineConfig, *, oracle=None, on_iteration=None, progress: bool = True
 ) -> OnlineResult:
     """Run (or resume) the online loop. `oracle` overrides `config.oracle` (a Python object);
-    `on_iteration(t, summary_row, policy_path)` is called as each iteration's summary completes.
+    `on_iteration(t, summary_row, policy_path)` is called as each iteration's summary completes
+    (on every process).
 
     Under `accelerate launch` every process calls this with the same config (and an equal `oracle`
     object, if any) and gets the same result; the process group stays initialized for the caller
