@@ -117,7 +117,8 @@ def token_logps(
 ) -> torch.Tensor:
     """Per-token log-probs (N, T) float32 of the response tokens under `model`, 0 elsewhere.
 
-    input_ids (N, T) long; attention_mask (N, T) (1 = real token) or None for no padding;
+    input_ids (N, T) long; attention_mask (N, T) (1 = real token) or None for no padding, or a 4D
+    mask (N, 1, T, T) already in the form of the model's attention (packed rows, see nashalign.packing);
     response_mask (N, T) bool, True where token t counts, predicted from position t-1:
 
         out[i, t] = log p(input_ids[i, t] | input_ids[i, :t])   if response_mask[i, t] else 0
@@ -136,6 +137,8 @@ def token_logps(
     if response_mask[:, 0].any():
         raise ValueError("response_mask[:, 0] must be False: the first token of a row has no prediction")
     if position_ids is None and attention_mask is not None:
+        if attention_mask.ndim != 2:
+            raise ValueError("a 4D attention_mask (packed rows) needs explicit position_ids")
         position_ids = position_ids_from_mask(attention_mask)
     # keep[i, t]: the logits at position t predict a response token at t+1.
     keep = torch.zeros_like(response_mask)
@@ -157,7 +160,15 @@ def pair_logps(
         chosen_logps, rejected_logps               (B,)   float32, sum over response tokens
         chosen_token_logps, rejected_token_logps   (B, T) float32, 0 outside the response
         chosen_lengths, rejected_lengths           (B,)   long, response tokens counted (mask sums)
+
+    A packed batch (`nashalign.packing.pack_pairs`: prompt shared, no padding between pairs) is
+    scored by `nashalign.packing.packed_pair_logps`: the same summed log-probs and lengths, with the
+    token log-probs in the packed layout under `token_logps` (N, L) instead of the per-side (B, T).
     """
+    from nashalign.packing import is_packed, packed_pair_logps
+
+    if is_packed(batch):
+        return packed_pair_logps(model, batch, chunk_size=chunk_size)
     for key in ("input_ids", "attention_mask", "response_mask"):
         if key not in batch:
             raise ValueError(f"pair batch has no {key!r}; keys: {sorted(batch)}")
