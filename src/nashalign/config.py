@@ -114,6 +114,10 @@ class DataConfig:
     max_prompt_length: int = _field(512, "maximum prompt tokens (the start of long prompts is cut)", ge=1)
     cache_dir: str | None = _field(None, "log-prob cache directory; unset: <output.dir>/logp_cache")
     scoring_batch_size: int = _field(8, "pairs per forward pass when scoring under ref / prev", ge=1)
+    packing: bool = _field(
+        False, "pack pairs: each prompt computed once for both responses, no padding between pairs (same "
+        "log-probs, less compute; sdpa or eager attention)"
+    )
 
     def check(self) -> None:
         if self.max_prompt_length >= self.max_length:

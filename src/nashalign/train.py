@@ -43,6 +43,7 @@ from nashalign.config import LossConfig, TrainConfig, dump_config, to_dict, vali
 from nashalign.data import TokenizedPair, collate_pairs, load_records, tokenize_records
 from nashalign.logprobs import pair_logps
 from nashalign.losses import loss_hyperparameters, loss_inputs, make_loss, preference_metrics, sft
+from nashalign.packing import pack_pairs
 from nashalign.scoring import load_model, load_tokenizer, reference_logps, reference_sources
 
 logger = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
     tokens = 0
     for number, micro in enumerate(micro_batches):
         rows = micro or indices[:1]
-        batch = collate_pairs([pairs[i] for i in rows], pad_id)
+        batch = (pack_pairs if config.data.packing else collate_pairs)([pairs[i] for i in rows], pad_id)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         selected = torch.tensor(rows)
         references = {key: column[selected].to(accelerator.device) for key, column in reference_columns.items()}
@@ -425,7 +426,9 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
             with accelerator.autocast():
                 losses, policy_logps = batch_losses(policy, batch, loss_fn, references)
             accelerator.backward(losses.sum() * (scale if micro else 0.0))
-        tokens += int(batch["attention_mask"].sum()) if micro else 0
+        # prompt + chosen + prompt + rejected tokens, however the batch lays them out
+        tokens += int(2 * batch["prompt_lengths"].sum() + batch["chosen_lengths"].sum()
+                      + batch["rejected_lengths"].sum()) if micro else 0
         for key, value in {
             "losses": losses, "policy_chosen_logps": policy_logps["chosen_logps"],
             "policy_rejected_logps": policy_logps["rejected_logps"], "chosen_lengths": policy_logps["chosen_lengths"],
