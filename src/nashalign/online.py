@@ -69,7 +69,7 @@ from nashalign.prompts import (
 )
 from nashalign.sharding import from_main, process_group_kept, process_state, split_oracle
 
-__all__ = [  # the prompt helpers are nashalign.prompts', re-exported for the loop's users
+__all__ = [  # the prompt helpers live in nashalign.prompts; re-exported for the loop's users
     "ALGORITHMS", "OnlineConfig", "OnlineResult", "PairSettings", "PromptsConfig", "RunSettings",
     "SamplingSettings", "format_summary_table", "judge_text", "load_prompts", "prompt_file", "render_prompt",
     "run_online", "tokenized_pairs",
