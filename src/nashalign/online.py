@@ -67,7 +67,7 @@ from nashalign.prompts import (
     prompt_set,
     render_prompt,
 )
-from nashalign.sharding import from_main, process_group_kept, process_state, split_oracle
+from nashalign.sharding import from_main, process_state, split_oracle
 
 __all__ = [  # the prompt helpers live in nashalign.prompts; re-exported for the loop's users
     "ALGORITHMS", "OnlineConfig", "OnlineResult", "PairSettings", "PromptsConfig", "RunSettings",
@@ -308,10 +308,9 @@ def _train(it: Path, pairs, logps, policy_path: str, config: OnlineConfig, token
         ref, prev_arg = prev, None
     else:
         ref, prev_arg = {"chosen": logps["ref_chosen"], "rejected": logps["ref_rejected"]}, prev
-    with process_group_kept():
-        result = train_pairs(
-            policy_path, pairs, train_config, it / "train", tokenizer=tokenizer, ref_logps=ref, prev_logps=prev_arg,
-        )
+    result = train_pairs(
+        policy_path, pairs, train_config, it / "train", tokenizer=tokenizer, ref_logps=ref, prev_logps=prev_arg,
+    )
     return result.final_dir
 
 

@@ -20,9 +20,7 @@ degenerate case of the same code (the collectives return their input).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -60,28 +58,6 @@ def row_range(size: int, rank: int, processes: int) -> range:
     base, extra = divmod(size, processes)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
-
-
-@contextmanager
-def process_group_kept():
-    """Keep the process group alive across a training phase.
-
-    nashalign.train ends each phase with `Accelerator.end_training()`, which destroys the default
-    process group unless accelerate is told that it does not own the group: the `FORK_LAUNCHED`
-    flag of its notebook launcher, read from the environment each time a PartialState is made. The
-    online loop needs the group for the stages after training, so it sets the flag while a phase
-    runs (and restores it after); the loop's caller destroys the group at the end.
-    """
-    saved = os.environ.get("FORK_LAUNCHED")
-    os.environ["FORK_LAUNCHED"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["FORK_LAUNCHED"]
-        else:
-            os.environ["FORK_LAUNCHED"] = saved
-        process_state()  # re-reads the flag: the state's own destroy_process_group works again
 
 
 class SplitOracle:

@@ -389,7 +389,10 @@ def train_pairs(
             final_model.save_pretrained(directory, state_dict=state_dict)
             tokenizer.save_pretrained(directory)
     accelerator.wait_for_everyone()  # no process returns before final/ exists
-    accelerator.end_training()
+    # Finish the trackers only: Accelerator.end_training() would also destroy the process group, which
+    # a caller running several phases in one launch (the online loop) still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if not metrics and metrics_file.exists():
         lines = metrics_file.read_text().splitlines()
         metrics = json.loads(lines[-1]) if lines else {}

@@ -32,10 +32,12 @@ def run(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
+    state = PartialState()
+    if state.is_main_process:  # under accelerate launch: one summary, not one per process
         shown = ("loss", "rewards/accuracy", "rewards/margin")
         summary = ", ".join(f"{key} {result.metrics[key]:.4g}" for key in shown if key in result.metrics)
         print(f"trained {result.global_step} steps ({summary})")
         print(f"final model: {result.final_dir}")
         print(f"metrics: {result.metrics_file}")
+    state.destroy_process_group()  # the trainer keeps the group alive for callers with several phases
     return 0
