@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+from contextlib import nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from nashalign import NashalignError
+from nashalign import NashalignError, packing
 from nashalign.data import TokenizedPair, collate_pairs
 from nashalign.logprobs import pair_logps
 from nashalign.packing import (
@@ -23,9 +25,19 @@ from nashalign.packing import (
     allowed_attention,
     assign_rows,
     pack_pairs,
+    packed_attention,
     packed_attention_mask,
     packed_length,
+    pair_spans,
+    uses_attention_interface,
 )
+
+PATHS = ("spans", "dense")
+
+
+def attention_path(path):
+    """Force the dense-mask path (as for a model outside transformers' AttentionInterface), or not."""
+    return mock.patch.object(packing, "uses_attention_interface", lambda model: False) if path == "dense" else nullcontext()
 
 
 def random_pairs(seed, count, vocab=512):
@@ -106,16 +118,16 @@ def test_assign_rows_places_every_item_once_within_capacity(lengths, capacity):
 
 
 # The model fixture is only read, never changed, so sharing it across examples is safe.
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), count=st.integers(1, 6), row_tokens=st.sampled_from([None, 1, 24, 40, 400]),
-       pad_id=st.integers(0, 511))
-def test_packed_log_probs_equal_the_naive_batch(tiny_model, seed, count, row_tokens, pad_id):
-    """Any pairs, any row capacity (one pair per row up to all pairs in one row), any pad token: the
-    summed log-probs and lengths equal the padded 2B-row batch's (1e-5), and every response token's
-    log-prob equals its naive value (1e-5)."""
+       pad_id=st.integers(0, 511), path=st.sampled_from(PATHS))
+def test_packed_log_probs_equal_the_naive_batch(tiny_model, seed, count, row_tokens, pad_id, path):
+    """Any pairs, any row capacity (one pair per row up to all pairs in one row), any pad token, per-pair
+    attention spans or the dense mask: the summed log-probs and lengths equal the padded 2B-row
+    batch's (1e-5), and every response token's log-prob equals its naive value (1e-5)."""
     pairs = random_pairs(seed, count)
     naive_batch, packed_batch = collate_pairs(pairs, 0), pack_pairs(pairs, pad_id, row_tokens=row_tokens)
-    with torch.no_grad():
+    with torch.no_grad(), attention_path(path):
         naive, packed = pair_logps(tiny_model, naive_batch), pair_logps(tiny_model, packed_batch)
     for side in ("chosen", "rejected"):
         assert_close(packed[f"{side}_logps"], naive[f"{side}_logps"], atol=1e-5, rtol=0)
@@ -128,7 +140,8 @@ def test_packed_log_probs_equal_the_naive_batch(tiny_model, seed, count, row_tok
             assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-def test_gradients_equal_the_naive_batch(tiny_model):
+@pytest.mark.parametrize("path", PATHS)
+def test_gradients_equal_the_naive_batch(tiny_model, path):
     """d(Σ_pairs w_i·chosen_i + v_i·rejected_i)/dθ with random weights: the packed batch gives the
     naive batch's gradient for every parameter (1e-5), and it is not zero."""
     pairs = random_pairs(11, 5)
@@ -141,15 +154,63 @@ def test_gradients_equal_the_naive_batch(tiny_model):
         (out["chosen_logps"] @ w + out["rejected_logps"] @ v).backward()
         return {name: p.grad.clone() for name, p in tiny_model.named_parameters()}
 
-    naive, packed = gradients(collate_pairs(pairs, 0)), gradients(pack_pairs(pairs, 0, row_tokens=30))
+    naive = gradients(collate_pairs(pairs, 0))
+    with attention_path(path):
+        packed = gradients(pack_pairs(pairs, 0, row_tokens=30 if path == "dense" else None))
     for name, grad in naive.items():
         assert_close(packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert packed["lm_head.weight"].abs().sum() > 0 and packed["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
 
 
+def test_span_attention_never_builds_a_row_mask_and_restores_the_model(tiny_model):
+    """A Llama model takes the span path: its attention runs once per pair and layer on that pair's
+    tokens only (masks of l × l), the dense mask is never built, and the model's attention
+    implementation is back to sdpa afterwards, also after an error."""
+    pairs = random_pairs(12, 4)
+    batch = pack_pairs(pairs, 0)
+    assert uses_attention_interface(tiny_model) and batch["input_ids"].shape[0] == 1
+    calls = []
+
+    def recording(module, query, *args, nashalign_spans=None, **kwargs):
+        calls.append([mask.shape for _, _, mask in nashalign_spans[0]])
+        return packed_attention(module, query, *args, nashalign_spans=nashalign_spans, **kwargs)
+
+    with mock.patch.object(packing, "packed_attention_mask", side_effect=AssertionError("dense mask built")), \
+            mock.patch.dict("transformers.AttentionInterface._global_mapping", {packing.PACKED_ATTENTION: recording}):
+        with torch.no_grad():
+            pair_logps(tiny_model, batch)
+    lengths = [packed_length(p) for p in sorted(pairs, key=packed_length, reverse=True)]
+    assert calls == [[(1, 1, n, n) for n in lengths]] * tiny_model.config.num_hidden_layers
+    assert tiny_model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="without nashalign_spans"):
+        with mock.patch.object(packing, "pair_spans", return_value=None):
+            pair_logps(tiny_model, batch)
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_pair_spans_by_hand():
+    """Row 0: pair 1 (3 tokens) then pair 0 (2 tokens) then 1 padding token -> spans (0, 3), (3, 5)."""
+    segment = torch.tensor([[PROMPT_LAST, CHOSEN, REJECTED, PROMPT_LAST, CHOSEN, PAD]])
+    pair_index = torch.tensor([[1, 1, 1, 0, 0, -1]])
+    spans = pair_spans(segment, pair_index)
+    assert [(start, end) for start, end, _ in spans[0]] == [(0, 3), (3, 5)]
+    assert spans[0][0][2].shape == (1, 1, 3, 3)
+
+
+def test_packed_attention_refuses_what_it_cannot_do():
+    q = torch.zeros(1, 2, 4, 8)
+    spans = [[(0, 4, torch.ones(1, 1, 4, 4, dtype=torch.bool))]]
+    with pytest.raises(NashalignError, match="softcap"):
+        packed_attention(None, q, q, q, None, nashalign_spans=spans, softcap=30.0)
+    with pytest.raises(NashalignError, match="sliding window of 3 tokens"):
+        packed_attention(None, q, q, q, None, nashalign_spans=spans, sliding_window=3)
+    out, weights = packed_attention(None, q, q, q, None, nashalign_spans=spans, sliding_window=4)
+    assert out.shape == (1, 4, 2, 8) and weights is None
+
+
 def test_eager_attention_gets_an_additive_mask(tiny_tokenizer):
-    """An eager-attention model adds the mask to its scores: it gets 0 / finfo.min, and scores the
-    packed batch like the naive one (1e-5)."""
+    """On the dense path an eager-attention model adds the mask to its scores: it gets 0 / finfo.min,
+    and scores the packed batch like the naive one (1e-5)."""
     from nashalign.tiny import build_model
 
     model = build_model(tiny_tokenizer)
@@ -158,23 +219,24 @@ def test_eager_attention_gets_an_additive_mask(tiny_tokenizer):
     batch = pack_pairs(pairs, 0, row_tokens=40)
     mask = packed_attention_mask(model, batch)
     assert mask.dtype == torch.float32 and set(mask.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
-    with torch.no_grad():
+    with torch.no_grad(), attention_path("dense"):
         naive, packed = pair_logps(model, collate_pairs(pairs, 0)), pair_logps(model, batch)
     assert_close(packed["chosen_logps"], naive["chosen_logps"], atol=1e-5, rtol=0)
     assert_close(packed["rejected_logps"], naive["rejected_logps"], atol=1e-5, rtol=0)
 
 
-def test_learned_absolute_positions():
+@pytest.mark.parametrize("path", PATHS)
+def test_learned_absolute_positions(path):
     """A tiny GPT-2 (learned position embeddings, so a wrong position id changes the result) scores a
-    packed batch like the naive one (1e-5)."""
+    packed batch like the naive one (1e-5), on both attention paths."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
     pairs = random_pairs(4, 3)
-    with torch.no_grad():
-        naive, packed = pair_logps(model, collate_pairs(pairs, 0)), pair_logps(model, pack_pairs(pairs, 0, row_tokens=50))
+    with torch.no_grad(), attention_path(path):
+        naive, packed = pair_logps(model, collate_pairs(pairs, 0)), pair_logps(model, pack_pairs(pairs, 0))
     assert_close(packed["chosen_logps"], naive["chosen_logps"], atol=1e-5, rtol=0)
     assert_close(packed["rejected_logps"], naive["rejected_logps"], atol=1e-5, rtol=0)
 
@@ -228,16 +290,16 @@ def test_trainer_with_packing_logs_the_same_steps(tiny_model_dir, tmp_path, monk
     monkeypatch.setattr(train, "pack_pairs", lambda chunk, pad_id: packed_batches.append(chunk) or pack_pairs(chunk, pad_id))
     pairs = random_pairs(7, 6)
     runs = {}
-    for packing in (False, True):
+    for packs in (False, True):
         config = from_mapping(TrainConfig, {
             "model": {"name_or_path": str(tiny_model_dir)},
-            "data": {"packing": packing},
+            "data": {"packing": packs},
             "loss": {"name": "inpo", "eta": 0.5},
             "optim": {"per_device_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2, "lr": 1e-3},
-            "output": {"dir": str(tmp_path / str(packing)), "save_steps": 0, "report_to": "none"},
+            "output": {"dir": str(tmp_path / str(packs)), "save_steps": 0, "report_to": "none"},
         })
-        result = train_pairs(str(tiny_model_dir), pairs, config, tmp_path / str(packing), resume="never")
-        runs[packing] = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+        result = train_pairs(str(tiny_model_dir), pairs, config, tmp_path / str(packs), resume="never")
+        runs[packs] = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     assert len(runs[True]) == len(runs[False]) == 2 and len(packed_batches) == 3
     for naive, packed in zip(runs[False], runs[True]):
         for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):

@@ -114,6 +114,7 @@ def token_logps(
     *,
     position_ids: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    model_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs (N, T) float32 of the response tokens under `model`, 0 elsewhere.
 
@@ -124,7 +125,8 @@ def token_logps(
         out[i, t] = log p(input_ids[i, t] | input_ids[i, :t])   if response_mask[i, t] else 0
 
     `position_ids` default to `position_ids_from_mask(attention_mask)` (correct with right or left
-    padding); pass them explicitly for packed sequences. `model` is a transformers causal LM, a peft
+    padding); pass them explicitly for packed sequences. `model_kwargs` go to the model's forward as
+    they are (packed attention passes its spans this way). `model` is a transformers causal LM, a peft
     model wrapping one, or any module whose output has `.logits` (N, T, V); see the module docstring
     for which positions are projected onto the vocabulary.
     """
@@ -143,7 +145,7 @@ def token_logps(
     # keep[i, t]: the logits at position t predict a response token at t+1.
     keep = torch.zeros_like(response_mask)
     keep[:, :-1] = response_mask[:, 1:]
-    logits = _logits_at(model, input_ids, attention_mask, position_ids, keep)
+    logits = _logits_at(model, input_ids, attention_mask, position_ids, keep, model_kwargs or {})
     values = selective_log_softmax(logits, input_ids[response_mask], chunk_size)
     out = torch.zeros(response_mask.shape, dtype=torch.float32, device=values.device)
     return out.masked_scatter(response_mask, values.float())
@@ -203,9 +205,10 @@ def _logits_at(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     keep: torch.Tensor,
+    model_kwargs: dict,
 ) -> torch.Tensor:
     """Logits (n, V) at the positions where `keep` (N, T) is True, n = keep.sum(), row-major order."""
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **model_kwargs}
     if _projects_only_kept_positions(model):
         logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits
         if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):

@@ -19,9 +19,16 @@ Why the copy of p_{P-1}: r_0 is predicted by the logits at p_{P-1}, as is c_0. W
 response token is predicted by the token just before it in the packed row, so the shift-by-one
 scoring of `nashalign.logprobs.token_logps` applies unchanged; it costs one token per pair.
 
-Costs per pair: P + C + 1 + R tokens instead of 2P + C + R plus padding. The attention mask is dense
-((N, 1, L, L) per forward pass), so attention over a row of L tokens costs L² whatever the mask:
-rows are capped at `row_tokens` (default: the longest pair of the batch) to keep that term small.
+Costs per pair: P + C + 1 + R tokens instead of 2P + C + R plus padding, and by default all pairs
+of a batch share one row, so nothing is computed on padding.
+
+Attention. For transformers models that take their attention function from transformers'
+AttentionInterface (`_supports_attention_backend`: Llama, Qwen, Mistral, GPT-2, ...),
+`packed_pair_logps` switches the model to `packed_attention` for the forward pass: torch's
+scaled-dot-product attention run once per pair, on that pair's span of the row, with the pair's
+small (l, l) mask, so attention costs Σ l² (not L² for a row of L tokens) and no (L, L) mask exists.
+Other models get a dense (N, 1, L, L) mask (`packed_attention_mask`) that their attention adds or
+applies; that costs L² per row, so use `row_tokens` to cap the rows there.
 
 `pack_pairs` builds the batch (a drop-in for `collate_pairs`); `nashalign.logprobs.pair_logps` sees
 its `segment` key and scores it with `packed_pair_logps`.
@@ -29,8 +36,10 @@ its `segment` key and scores it with `packed_pair_logps`.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,6 +50,8 @@ PAD, PROMPT, PROMPT_LAST, CHOSEN, REJECTED = -1, 0, 1, 2, 3
 
 # Attention implementations whose kernels take a custom dense 4D mask from transformers unchanged.
 MASKED_ATTENTION = ("sdpa", "eager")
+# The name `packed_attention` is registered under in transformers' AttentionInterface (on first use).
+PACKED_ATTENTION = "nashalign_packed"
 
 
 def packed_length(pair: Any) -> int:
@@ -71,8 +82,9 @@ def assign_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def pack_pairs(pairs: Sequence[Any], pad_token_id: int, *, row_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """Pack B pairs (prompt shared, several pairs per row) into N rows of L tokens.
 
-    `pairs` are `nashalign.data.TokenizedPair`s (non-empty prompt and responses); a row holds pairs
-    whose packed lengths (`packed_length`) sum to at most max(`row_tokens`, longest pair). Returns
+    `pairs` are `nashalign.data.TokenizedPair`s (non-empty prompt and responses). By default all pairs
+    share one row (N = 1, no padding); with `row_tokens` a row holds pairs whose packed lengths
+    (`packed_length`) sum to at most max(`row_tokens`, longest pair). Returns
 
         input_ids       (N, L) long      tokens, `pad_token_id` after the last pair of a row
         position_ids    (N, L) long      positions within each pair (see the module docstring), 0 on padding
@@ -82,8 +94,8 @@ def pack_pairs(pairs: Sequence[Any], pad_token_id: int, *, row_tokens: int | Non
         prompt_lengths, chosen_lengths, rejected_lengths   (B,) long, in the order of `pairs`
 
     plus, as `collate_pairs` does, a (B,) float32 tensor for every key of `extra` that holds a number
-    on all pairs. There is no `attention_mask`: it depends on the model's attention implementation
-    and is built by `packed_attention_mask` when the batch is scored.
+    on all pairs. There is no `attention_mask`: how attention is kept within pairs depends on the
+    model and is decided when the batch is scored (`packed_pair_logps`).
     """
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
@@ -93,7 +105,7 @@ def pack_pairs(pairs: Sequence[Any], pad_token_id: int, *, row_tokens: int | Non
         if not (pair.prompt_ids and pair.chosen_ids and pair.rejected_ids):
             raise ValueError(f"pair {getattr(pair, 'source', '?')}: prompt and both responses must be non-empty")
     lengths = [packed_length(pair) for pair in pairs]
-    rows = assign_rows(lengths, max(row_tokens or 0, max(lengths)))
+    rows = assign_rows(lengths, max(row_tokens or sum(lengths), max(lengths)))
     width = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -189,24 +201,110 @@ def packed_attention_mask(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     )
 
 
+def pair_spans(segment: torch.Tensor, pair_index: torch.Tensor) -> list[list[tuple[int, int, torch.Tensor]]]:
+    """Per row, (start, end, mask) of each pair's span of tokens, mask (1, 1, l, l) bool its attention."""
+    spans = []
+    for row in range(pair_index.shape[0]):
+        indices = pair_index[row]
+        starts = [0] + (torch.nonzero(indices[1:] != indices[:-1])[:, 0] + 1).tolist()
+        ends = starts[1:] + [indices.shape[0]]
+        spans.append([
+            (start, end, allowed_attention(segment[row : row + 1, start:end], indices[None, start:end])[:, None])
+            for start, end in zip(starts, ends)
+            if int(indices[start]) >= 0
+        ])
+    return spans
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, nashalign_spans=None,
+                     **kwargs):
+    """An AttentionInterface function: scaled-dot-product attention within each pair's span only.
+
+    query (N, H, L, D), key and value (N, H_kv, L, D); `nashalign_spans` from `pair_spans` (passed as
+    a forward keyword argument, which transformers hands on to the attention function). Returns
+    (N, L, H, D) and no weights, as transformers' own functions do; padding gets zeros. Features
+    this does not implement (logit softcapping, attention sinks, position biases, a sliding window
+    shorter than a pair) raise instead of being silently ignored.
+    """
+    if nashalign_spans is None:
+        raise RuntimeError(f"{PACKED_ATTENTION} attention called without nashalign_spans")
+    for feature in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(feature) is not None:
+            raise NashalignError(f"data.packing: this model's attention uses {feature}, which packing does not support")
+    window = kwargs.get("sliding_window")
+    longest = max((end - start for spans in nashalign_spans for start, end, _ in spans), default=0)
+    if isinstance(window, int) and window < longest:
+        raise NashalignError(
+            f"data.packing: the model attends within a sliding window of {window} tokens, shorter than a "
+            f"pair ({longest} tokens); turn packing off for this model"
+        )
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    rows = []
+    for row, spans in enumerate(nashalign_spans):
+        pieces = [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
+                value[row : row + 1, :, start:end], attn_mask=mask, dropout_p=dropout, scale=scaling,
+            )
+            for start, end, mask in spans
+        ]
+        used = spans[-1][1] if spans else 0
+        if used < query.shape[2]:
+            pieces.append(query.new_zeros(1, query.shape[1], query.shape[2] - used, query.shape[3]))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def uses_attention_interface(model: torch.nn.Module) -> bool:
+    """Whether `model` (unwrapped) is a transformers model whose attention goes through AttentionInterface."""
+    from transformers import PreTrainedModel
+
+    from nashalign.logprobs import unwrap_model
+
+    base = unwrap_model(model)
+    return isinstance(base, PreTrainedModel) and bool(getattr(base, "_supports_attention_backend", False))
+
+
+@contextmanager
+def _attention_implementation(model: torch.nn.Module, name: str):
+    """The model's config (and sub-configs) set to attention implementation `name`, restored on exit."""
+    from transformers import AttentionInterface
+
+    from nashalign.logprobs import unwrap_model
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, packed_attention)
+    config = unwrap_model(model).config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 def packed_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int) -> dict[str, torch.Tensor]:
     """Summed response log-probs of a `pack_pairs` batch: one forward pass over its N packed rows.
 
     Returns chosen_logps, rejected_logps (B,) float32 (sums over each response's tokens, in the order
     of the packed pairs), chosen_lengths, rejected_lengths (B,) long, and token_logps (N, L) float32
-    (0 outside the responses) in the packed layout.
+    (0 outside the responses) in the packed layout. Attention: `packed_attention` when the model
+    uses transformers' AttentionInterface, else the dense `packed_attention_mask`.
     """
     from nashalign.logprobs import token_logps
 
     segment, pair_index, response_mask = batch["segment"], batch["pair_index"], batch["response_mask"].bool()
-    logps = token_logps(
-        model,
-        batch["input_ids"],
-        packed_attention_mask(model, batch),
-        response_mask,
-        position_ids=batch["position_ids"],
+    score = functools.partial(
+        token_logps, model, batch["input_ids"], response_mask=response_mask, position_ids=batch["position_ids"],
         chunk_size=chunk_size,
     )
+    if uses_attention_interface(model):
+        with _attention_implementation(model, PACKED_ATTENTION):
+            logps = score(None, model_kwargs={"nashalign_spans": pair_spans(segment, pair_index)})
+    else:
+        logps = score(packed_attention_mask(model, batch))
     count = batch["chosen_lengths"].shape[0]
     sums = {}
     for side, code in (("chosen", CHOSEN), ("rejected", REJECTED)):
