@@ -19,6 +19,7 @@ import torch
 from nashalign import NashalignError
 from nashalign.config import ModelConfig, TrainConfig
 from nashalign.data import TokenizedPair, collate_pairs
+from nashalign.packing import pack_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Pa
     from nashalign.cache import LogpCache, score_pairs
 
     model, cache = model.to(device), LogpCache(cache_dir)
-    collate = lambda chunk: collate_pairs(chunk, pad_id)  # noqa: E731
+    collate = lambda chunk: (pack_pairs if config.data.packing else collate_pairs)(chunk, pad_id)  # noqa: E731
     if accelerator is not None and accelerator.num_processes > 1:
         scores = _score_sharded(model, pairs, config, cache, collate, accelerator)
     else:
