@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -104,8 +105,10 @@ def child(side: str, directory: Path, workload: Workload, threads: int) -> dict:
         result = sides.generation(directory, workload)
     else:
         raise ValueError(side)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"side": side, "peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": baseline,
-            "load_before": load_before, "load_after": load_average(), **result}
+            "load_before": load_before, "load_after": load_average(), "user_seconds": usage.ru_utime,
+            "system_seconds": usage.ru_stime, "minor_page_faults": usage.ru_minflt, **result}
 
 
 def run_child(side: str, directory: Path, args) -> dict:
@@ -139,6 +142,24 @@ def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl_version, "commit": commit.stdout.strip()}
+
+
+def combine(runs: list[dict]) -> dict:
+    """One result from repeated runs of a side: per step the fastest of the repeats (load on a shared
+    machine only ever slows a step down), generation rates the fastest, memory the highest peak;
+    every run is kept under "repeats"."""
+    if len(runs) == 1:
+        return runs[0]
+    combined = {**runs[0], "repeats": runs}
+    if "step_seconds" in runs[0]:
+        combined["step_seconds"] = [min(steps) for steps in zip(*(r["step_seconds"] for r in runs))]
+    for key in ("sampler_tokens_per_second", "generate_tokens_per_second"):
+        if key in runs[0]:
+            combined[key] = [max(rates) for rates in zip(*(r[key] for r in runs))]
+    combined["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    combined["load_before"] = min(r["load_before"] for r in runs)
+    combined["load_after"] = max(r["load_after"] for r in runs)
+    return combined
 
 
 def summarize(workload: Workload, params: dict, results: dict[str, dict], info: dict) -> dict:
@@ -231,6 +252,8 @@ def main() -> int:
                         + "; also available: trl-dpo-ref-in-memory")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (first is warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every side this many times, round robin; per step the fastest counts")
     parser.add_argument("--json", help="also write the full results here")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -262,11 +285,14 @@ def main() -> int:
         print(f"  model: {params['total'] / 1e6:.1f}M parameters ({params['body'] / 1e6:.1f}M body, "
               f"{params['head'] / 1e6:.1f}M lm_head, {params['embedding'] / 1e6:.1f}M embedding)", flush=True)
         results: dict = {"peak": [run_child("peak", directory, args)]}
-        for number, side in enumerate(chosen):
-            results[side] = run_child(side, directory, args)
-            if number == len(chosen) // 2:
-                results["peak"].append(run_child("peak", directory, args))
-        results["peak"].append(run_child("peak", directory, args))
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):
+            for number, side in enumerate(chosen):
+                runs.setdefault(side, []).append(run_child(side, directory, args))
+                if number == len(chosen) // 2:
+                    results["peak"].append(run_child("peak", directory, args))
+            results["peak"].append(run_child("peak", directory, args))
+        results.update({side: combine(side_runs) for side, side_runs in runs.items()})
     summary = summarize(workload, params, results, info)
     print(table(summary))
     if args.json:
