@@ -241,6 +241,23 @@ def test_learned_absolute_positions(path):
     assert_close(packed["rejected_logps"], naive["rejected_logps"], atol=1e-5, rtol=0)
 
 
+def test_peft_lora_model(tiny_model):
+    """Through a peft LoRA wrapper (random, non-zero adapters): the packed batch scores like the
+    naive one (1e-5), and the wrapped model's attention implementation is restored."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model,
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
+    pairs = random_pairs(13, 3)
+    with torch.no_grad():
+        naive, packed = pair_logps(model, collate_pairs(pairs, 0)), pair_logps(model, pack_pairs(pairs, 0))
+    assert_close(packed["chosen_logps"], naive["chosen_logps"], atol=1e-5, rtol=0)
+    assert_close(packed["rejected_logps"], naive["rejected_logps"], atol=1e-5, rtol=0)
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
 def test_unsupported_attention_and_sliding_windows_are_refused(tiny_model):
     batch = pack_pairs(random_pairs(5, 2), 0)
     tiny_model.config._attn_implementation = "flash_attention_2"

@@ -8,9 +8,8 @@ laid out once, with its prompt shared:
     positions  0   …   P-2     P-1   | P  …  P+C-1   | P-1       P  …  P+R-1
     segment    PROMPT    PROMPT_LAST | CHOSEN        | REJECTED  REJECTED
 
-and several pairs share a row, back to back, with padding only at the end of a row. The attention
-mask (built per model by `packed_attention_mask`) lets a token see the earlier tokens of its own pair
-only, and keeps the two responses apart: a REJECTED token sees p_0 … p_{P-2}, the copy of p_{P-1}
+and several pairs share a row, back to back, with padding only at the end of a row. Attention (see
+below) lets a token see the earlier tokens of its own pair only, and keeps the two responses apart: a REJECTED token sees p_0 … p_{P-2}, the copy of p_{P-1}
 and the rejected tokens before it, never the chosen response nor the original p_{P-1}. So every
 token sees exactly the keys (and positions) it sees in its own unpacked row prompt + response, and
 its log-prob is the same up to float rounding.
@@ -269,7 +268,10 @@ def uses_attention_interface(model: torch.nn.Module) -> bool:
 
 @contextmanager
 def _attention_implementation(model: torch.nn.Module, name: str):
-    """The model's config (and sub-configs) set to attention implementation `name`, restored on exit."""
+    """The model's config (and sub-configs) set to attention implementation `name`, restored on exit.
+
+    The first use registers `packed_attention` under `name` in transformers' AttentionInterface (a
+    process-wide registry; the entry is new and changes no other implementation)."""
     from transformers import AttentionInterface
 
     from nashalign.logprobs import unwrap_model
