@@ -424,3 +424,23 @@ def test_bad_batches_are_rejected(tiny_model):
     first_counts[0, 0] = True
     with pytest.raises(ValueError, match=r"response_mask\[:, 0\]"):
         token_logps(tiny_model, batch["input_ids"], batch["attention_mask"], first_counts)
+    width = batch["input_ids"].shape[1]
+    four_d = torch.ones(4, 1, width, width, dtype=torch.bool)
+    with pytest.raises(ValueError, match="needs explicit position_ids"):
+        token_logps(tiny_model, batch["input_ids"], four_d, batch["response_mask"])
+
+
+def test_model_kwargs_reach_the_forward():
+    """model_kwargs are passed to the model's forward as they are."""
+    seen = {}
+
+    class Recording(TableModel):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+            seen.update(kwargs)
+            return super().forward(input_ids, attention_mask, position_ids)
+
+    model = Recording(torch.zeros(4, 4))
+    ids = torch.tensor([[0, 1, 2]])
+    out = token_logps(model, ids, None, torch.tensor([[False, True, True]]), model_kwargs={"spans": [(0, 3)]})
+    assert seen == {"spans": [(0, 3)]}
+    assert_close(out, torch.tensor([[0.0, math.log(1 / 4), math.log(1 / 4)]]))
