@@ -188,6 +188,31 @@ def test_span_attention_never_builds_a_row_mask_and_restores_the_model(tiny_mode
     assert tiny_model.config._attn_implementation == "sdpa"
 
 
+def test_activation_checkpointing_takes_the_dense_path(tiny_model):
+    """With activation checkpointing, layers are re-run in the backward pass, after the switch to
+    per-pair attention is undone: the packed batch then takes the dense-mask path, and its gradients
+    equal the naive batch's (1e-5). Forced onto the span path, the re-run layers take plain sdpa
+    over the whole row, which torch's checkpointing notices (different saved tensors) and refuses."""
+    pairs = random_pairs(14, 4)
+    tiny_model.train()
+    tiny_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert packing.recomputes_forward(tiny_model)
+
+    def gradients(batch):
+        tiny_model.zero_grad()
+        out = pair_logps(tiny_model, batch)
+        (out["chosen_logps"].sum() - out["rejected_logps"].sum()).backward()
+        return torch.cat([p.grad.flatten() for p in tiny_model.parameters()])
+
+    naive, packed = gradients(collate_pairs(pairs, 0)), gradients(pack_pairs(pairs, 0))
+    assert_close(packed, naive, atol=1e-5, rtol=1e-4)
+    with mock.patch.object(packing, "recomputes_forward", lambda model: False):
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            gradients(pack_pairs(pairs, 0))
+    with torch.no_grad():
+        assert not packing.recomputes_forward(tiny_model)
+
+
 def test_pair_spans_by_hand():
     """Row 0: pair 1 (3 tokens) then pair 0 (2 tokens) then 1 padding token -> spans (0, 3), (3, 5)."""
     segment = torch.tensor([[PROMPT_LAST, CHOSEN, REJECTED, PROMPT_LAST, CHOSEN, PAD]])

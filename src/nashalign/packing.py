@@ -26,8 +26,9 @@ AttentionInterface (`_supports_attention_backend`: Llama, Qwen, Mistral, GPT-2, 
 `packed_pair_logps` switches the model to `packed_attention` for the forward pass: torch's
 scaled-dot-product attention run once per pair, on that pair's span of the row, with the pair's
 small (l, l) mask, so attention costs Σ l² (not L² for a row of L tokens) and no (L, L) mask exists.
-Other models get a dense (N, 1, L, L) mask (`packed_attention_mask`) that their attention adds or
-applies; that costs L² per row, so use `row_tokens` to cap the rows there.
+Other models, and models under activation checkpointing, get a dense (N, 1, L, L) mask
+(`packed_attention_mask`) that their attention adds or applies; that costs L² per row, so use
+`row_tokens` to cap the rows there.
 
 `pack_pairs` builds the batch (a drop-in for `collate_pairs`); `nashalign.logprobs.pair_logps` sees
 its `segment` key and scores it with `packed_pair_logps`.
@@ -266,6 +267,20 @@ def uses_attention_interface(model: torch.nn.Module) -> bool:
     return isinstance(base, PreTrainedModel) and bool(getattr(base, "_supports_attention_backend", False))
 
 
+def recomputes_forward(model: torch.nn.Module) -> bool:
+    """Whether the backward pass will re-run layers (activation checkpointing, gradients on).
+
+    The switch to `packed_attention` lasts for the forward pass only; a layer re-run in the backward
+    pass would attend over the whole row. Such models take the dense-mask path, whose mask is an
+    argument of every layer and so is there again when the layer is re-run.
+    """
+    from nashalign.logprobs import unwrap_model
+
+    return torch.is_grad_enabled() and any(
+        getattr(module, "gradient_checkpointing", False) for module in unwrap_model(model).modules()
+    )
+
+
 @contextmanager
 def _attention_implementation(model: torch.nn.Module, name: str):
     """The model's config (and sub-configs) set to attention implementation `name`, restored on exit.
@@ -293,7 +308,8 @@ def packed_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     Returns chosen_logps, rejected_logps (B,) float32 (sums over each response's tokens, in the order
     of the packed pairs), chosen_lengths, rejected_lengths (B,) long, and token_logps (N, L) float32
     (0 outside the responses) in the packed layout. Attention: `packed_attention` when the model
-    uses transformers' AttentionInterface, else the dense `packed_attention_mask`.
+    uses transformers' AttentionInterface, else (and under activation checkpointing) the dense
+    `packed_attention_mask`.
     """
     from nashalign.logprobs import token_logps
 
@@ -302,7 +318,7 @@ def packed_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
         token_logps, model, batch["input_ids"], response_mask=response_mask, position_ids=batch["position_ids"],
         chunk_size=chunk_size,
     )
-    if uses_attention_interface(model):
+    if uses_attention_interface(model) and not recomputes_forward(model):
         with _attention_implementation(model, PACKED_ATTENTION):
             logps = score(None, model_kwargs={"nashalign_spans": pair_spans(segment, pair_index)})
     else:
