@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from nashalign import NashalignError
+from nashalign.models import ModelSpec
 
 T = TypeVar("T")
 
@@ -97,12 +98,26 @@ class ModelConfig:
         None, "previous iterate π_t (inpo only); unset: the policy's initial weights (iteration 0)"
     )
     tokenizer_name_or_path: str | None = _field(None, "tokenizer; unset: the policy's")
+    revision: str | None = _field(None, "hub branch, tag or commit of every hub-named model here; unset: main")
     trust_remote_code: bool = _field(False, "allow custom model code shipped with a hub model")
     dtype: Literal["float32", "bfloat16"] = _field("float32", "dtype the weights are loaded in")
+    attn_implementation: str | None = _field(
+        None, "attention kernel (eager, sdpa, flash_attention_2, ...); unset: transformers' default"
+    )
     mixed_precision: Literal["no", "bf16"] = _field("no", "bf16: bfloat16 autocast of forward passes")
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass")
     disable_dropout: bool = _field(True, "set the base model's dropout probabilities to 0, as TRL (LoRA keeps its own)")
     lora: LoraSettings | None = _field(None, "LoRA adapters through peft; off unless this section is set")
+
+    def spec(self, name_or_path: str | None = None, **changes: Any) -> ModelSpec:
+        """How to load `name_or_path` (default: the policy) with this section's settings."""
+        return ModelSpec(
+            str(name_or_path or self.name_or_path), revision=self.revision, dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation, **changes,
+        )
+
+    def tokenizer_spec(self) -> ModelSpec:
+        return self.spec(self.tokenizer_name_or_path or self.name_or_path)
 
 
 @dataclasses.dataclass

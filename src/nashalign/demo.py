@@ -123,6 +123,7 @@ def supervised_start(directory: Path, prompts, settings: DemoSettings) -> Path:
     import torch
 
     from nashalign.checkpoint import atomic_directory
+    from nashalign.logprobs import sequence_logps
     from nashalign.tiny import build_model, build_tokenizer
 
     if (directory / "config.json").exists():
@@ -142,7 +143,7 @@ def supervised_start(directory: Path, prompts, settings: DemoSettings) -> Path:
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(settings.sft_steps), desc="sft", unit="step"):
-        loss = -(weights_t * _sequence_logps(model, rows, tokenizer.pad_token_id)).sum()
+        loss = -(weights_t * sequence_logps(model, rows, tokenizer.pad_token_id)).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -159,42 +160,26 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-def _sequence_logps(model, rows, pad_id):
-    """(N,) summed log-probs of each (prompt ids, response ids) row, through nashalign.logprobs."""
-    import torch
-
-    from nashalign.logprobs import token_logps
-
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    attention = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (p, r) in enumerate(rows):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attention[i, : len(p) + len(r)] = 1
-        mask[i, len(p) : len(p) + len(r)] = True
-    return token_logps(model, ids, attention, mask).sum(-1)
-
-
 # --------------------------------------------------------------------------- step 3: exact evaluation
 
 
 def answer_distributions(model_dir: Path, prompts) -> tuple[list[np.ndarray], list[float]]:
     """Each prompt's distribution over its family's answers (renormalized), and the mass on them."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nashalign.evaluate import lm_response_distribution
+    from nashalign.logprobs import sequence_logps
+    from nashalign.models import load_causal_lm, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
 
     def score(text: str, answers: Sequence[str]):
         prompt_ids = _prompt_ids(tokenizer, text)
         rows = [(prompt_ids, tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
                 for a in answers]
         with torch.inference_mode():
-            return _sequence_logps(model, rows, tokenizer.pad_token_id).double().numpy()
+            return sequence_logps(model, rows, tokenizer.pad_token_id).double().numpy()
 
     policies, masses = [], []
     for family, text in prompts:

@@ -34,7 +34,6 @@ Algorithms (run.algorithm) differ in the loss, the reference and the default pai
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +57,7 @@ from nashalign.config import (
     validated,
 )
 from nashalign.data import TokenizedPair
+from nashalign.models import load_tokenizer, release
 from nashalign.prompts import (
     PromptsConfig,
     PromptSet,
@@ -187,7 +187,7 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
     # vLLM runs in one process only for now (run_online refuses backend "vllm" with several)
     backend = "transformers" if s.backend == "auto" and state.num_processes > 1 else s.backend
     sampler = make_sampler(
-        backend, policy_path, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        backend, config.model.spec(policy_path), tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
         top_p=s.top_p, batch_size=s.batch_size, seed=seed,
         tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto",
     )
@@ -195,10 +195,9 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
         sampler.model.to(state.device)  # this process's device (its own GPU under accelerate launch)
     groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
                               progress=progress and state.is_local_main_process)
-    if hasattr(sampler, "close"):
-        sampler.close()
+    release(sampler)  # a vLLM engine is shut down; the caller's stage ends with release()
     del sampler
-    gc.collect()
+    release()
     return [dataclasses.asdict(g) for group in groups for g in group]
 
 
@@ -377,8 +376,6 @@ def run_online(
     object, if any) and gets the same result; the process group stays initialized for the caller
     (the CLI destroys it). `progress`: progress bars, on the local main process only.
     """
-    from nashalign.train import load_tokenizer
-
     config = validated(config)
     state = process_state()
     if config.run.algorithm not in ALGORITHMS:
@@ -395,7 +392,7 @@ def run_online(
     if problem is not None:
         raise NashalignError(problem)
 
-    tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path, config.model)
+    tokenizer = load_tokenizer(config.model.tokenizer_spec(), where="model")
     prompt_sets: dict[str, PromptSet] = {}
 
     def prompts_of(t: int) -> PromptSet:
@@ -422,6 +419,7 @@ def run_online(
                 _seed(config.run.seed, t - 1, 3), state, progress,
             )
             row = _summary(before, t - 1, before_groups, next_groups, oracle, before_prompts.judge, before_stats, state)
+            release(oracle)  # the judge's model is not kept through the next stages
             summaries.append(row)
             if state.is_main_process:
                 _log_summary(row)
@@ -430,11 +428,13 @@ def run_online(
         if t == config.run.iterations:
             break
         pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
+        release(oracle)  # judging is over: the judge's model leaves memory before scoring and training
         if not pairs:
             raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
         tokenized = tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id)
         logps = _score(it, tokenized, str(policy_path), str(ref_path), config, tokenizer, state)
         policy_path = _train(it, tokenized, logps, str(policy_path), config, tokenizer, t, state)
+        release()  # the trained policy is on disk; its memory returns before the next sampling
         previous = (it, current, groups, stats)
     state.wait_for_everyone()  # no process returns before the main process has written everything
     return OnlineResult(run_dir, Path(policy_path), summaries)
