@@ -235,14 +235,17 @@ def phase_config(config: OnlineConfig, t: int) -> TrainConfig:
     }, source=f"<iteration {t} of {run_dir}>")
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+_UNSET = object()
+
+
+def _changes(old: Mapping, new: Mapping, prefix: str = ""):
+    """(dotted key, old value, new value) of every difference, sections compared key by key."""
+    for key in [*new, *(key for key in old if key not in new)]:
+        before, after = old.get(key, _UNSET), new.get(key, _UNSET)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            yield from _changes(before, after, f"{prefix}{key}.")
+        elif before != after:
+            yield f"{prefix}{key}", before, after
 
 
 def config_change(saved: Mapping, config: OnlineConfig) -> str | None:
@@ -251,12 +254,10 @@ def config_change(saved: Mapping, config: OnlineConfig) -> str | None:
     run.iterations with prompts.files (if set) extended by the added iterations' files."""
     import yaml
 
-    old, new = _flat(saved), _flat(yaml.safe_load(yaml.safe_dump(to_dict(config))))
-    missing = object()
-    for key in [*new, *(key for key in old if key not in new)]:
-        before, after = old.get(key, missing), new.get(key, missing)
-        if before == after:
-            continue
+    def show(value: Any) -> str:
+        return "unset" if value is _UNSET else repr(value)
+
+    for key, before, after in _changes(saved, yaml.safe_load(yaml.safe_dump(to_dict(config), sort_keys=False))):
         if key == "run.iterations" and isinstance(before, int) and isinstance(after, int):
             if after > before:
                 continue
@@ -264,9 +265,6 @@ def config_change(saved: Mapping, config: OnlineConfig) -> str | None:
         extended = isinstance(before, list) and isinstance(after, list) and after[: len(before)] == before
         if key == "prompts.files" and extended:
             continue
-        def show(value: Any) -> str:
-            return "unset" if value is missing else repr(value)
-
         hint = "; only files for the added iterations may be appended" if key == "prompts.files" else ""
         return f"{key}: was {show(before)}, now {show(after)}{hint}"
     return None
