@@ -12,7 +12,7 @@ import pytest
 from nashalign.artifacts import read_json, read_jsonl, write_jsonl
 from nashalign.cli import main
 from nashalign.config import from_mapping
-from nashalign.online import OnlineConfig, run_online
+from nashalign.online import OnlineConfig, format_summary_table, run_online
 from nashalign.online_plan import judge_orders, plan_online
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -114,6 +114,7 @@ def test_win_rate_off_samples_and_judges_nothing_more(tmp_path, tiny_model_dir, 
     (row,) = result.summaries
     assert row == read_json(it / "summary.json")
     assert row["win_rate_next_vs_current"] is None and row["win_rate_comparisons"] == 0
+    assert format_summary_table(result.summaries).splitlines()[1].endswith(" off")
     assert oracle.counts.comparisons == row["comparisons"] == plan["iterations"][0]["judge"]["comparisons"] == 3 * 5
     assert oracle.counts.judge_calls == row["judge_calls"] == read_json(it / "pair_stats.json")["judge_calls"]
     assert row["judge_calls"] <= plan["total"]["judge_calls_max"] == 2 * 15
