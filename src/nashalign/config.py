@@ -9,8 +9,12 @@ the key's path, on unknown keys, missing required keys, wrong types and out-of-r
 Supported field types: bool, int, float, str, Literal[...], X | None, list[X], tuple[X, ...],
 tuple[X, Y], and nested dataclasses (also optional ones: `lora: LoraSettings | None`, enabled by
 writing the section). Ranges are given in field metadata (`gt`, `ge`, `lt`, `le`); cross-field
-rules in a dataclass method `check(self)` that raises `ConfigFieldError(field, message)`, and
-derived defaults in `resolve(self)` (for example tau = eta/3), called after the fields are checked.
+rules in a dataclass method `check(self)` that raises `ConfigFieldError(field, message)` (a dotted
+field names a key of a nested section), and derived defaults in `resolve(self)` (for example
+tau = eta/3), called after the fields are checked. A dataclass may list keys it refuses on purpose
+in a class attribute `refused_keys` ({key: why}); writing one is an error that says why.
+`config_subset` derives such a section from another: the same fields, defaults and checks, less the
+keys a consumer sets itself (the online loop's sections are its training sections less those).
 
 `--set a.b=c` overrides are parsed as YAML scalars and checked exactly like file values.
 `dump_config` writes the resolved tree back as YAML; loading a dump gives the same tree.
@@ -50,6 +54,7 @@ __all__ = [
     "dump_config",
     "config_keys",
     "config_reference",
+    "config_subset",
 ]
 
 
@@ -395,7 +400,10 @@ def _convert(value: Any, kind: Any, path: tuple[str, ...], origins: _Origins, me
 def _build(cls: type[T], mapping: Mapping, path: tuple[str, ...], origins: _Origins) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    refused = getattr(cls, "refused_keys", {})
     for key in mapping:
+        if key in refused:
+            raise origins.error((*path, str(key)), f"not accepted here: {refused[key]}")
         if key not in fields:
             allowed = ", ".join(fields)
             raise origins.error((*path, str(key)), f"unknown key (allowed here: {allowed})")
@@ -414,7 +422,7 @@ def _build(cls: type[T], mapping: Mapping, path: tuple[str, ...], origins: _Orig
         try:
             check()
         except ConfigFieldError as error:
-            raise origins.error((*path, error.field), error.message) from None
+            raise origins.error((*path, *error.field.split(".")), error.message) from None
     resolve = getattr(instance, "resolve", None)
     if resolve is not None:
         resolve()
@@ -505,6 +513,24 @@ def dump_config(config: Any, path: str | Path) -> Path:
     temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
     temporary.replace(path)
     return path
+
+
+def config_subset(base: type, name: str, refused: Mapping[str, str], doc: str, module: str) -> type:
+    """A config section `module.name` with `base`'s fields (defaults, bounds, help, `check`,
+    `resolve`) less the keys of `refused`, which it names with the reason when written ({key: why})."""
+    hints = typing.get_type_hints(base)
+    unknown = set(refused) - {spec.name for spec in dataclasses.fields(base)}
+    if unknown:
+        raise TypeError(f"{base.__name__} has no fields {sorted(unknown)}")
+    fields = [
+        (spec.name, hints[spec.name], dataclasses.field(
+            default=spec.default, default_factory=spec.default_factory, metadata=spec.metadata))
+        for spec in dataclasses.fields(base) if spec.name not in refused
+    ]
+    namespace = {"__doc__": doc, "__module__": module, "refused_keys": dict(refused)}
+    namespace.update({method: getattr(base, method) for method in ("check", "resolve", "spec", "tokenizer_spec")
+                      if hasattr(base, method)})
+    return dataclasses.make_dataclass(name, fields, namespace=namespace)
 
 
 def _unwrap_optional(kind: Any) -> tuple[Any, bool]:

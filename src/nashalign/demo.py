@@ -214,26 +214,27 @@ def exact_win_rate(first, second, prompts, first_mass=None, second_mass=None) ->
 
 
 def online_config(settings: DemoSettings, algorithm: str, start: Path, prompts_file: Path, run_dir: Path):
-    from nashalign.config import DataConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig
-    from nashalign.online import OnlineConfig, PairSettings, PromptsConfig, RunSettings, SamplingSettings
+    from nashalign.config import from_mapping
+    from nashalign.online import OnlineConfig
 
-    return OnlineConfig(
-        model=ModelConfig(name_or_path=str(start)),
-        run=RunSettings(name=algorithm, dir=str(run_dir), algorithm=algorithm,
-                        iterations=settings.iterations, seed=settings.seed),
-        prompts=PromptsConfig(file=str(prompts_file)),
-        sampling=SamplingSettings(backend="transformers", samples_per_prompt=settings.samples_per_prompt,
-                                  max_new_tokens=8, temperature=1.0, batch_size=64),
-        # INPO's loss is minimized by the OMD step when pairs are drawn from π_t × π_t and labelled by P:
-        # all pairs of the K samples, labels drawn from P, is exactly that draw.
-        pairs=PairSettings(method="all_pairs" if algorithm == "inpo" else "best_vs_worst"),
-        data=DataConfig(max_length=64, max_prompt_length=48, scoring_batch_size=64),
-        loss=LossConfig(name="inpo" if algorithm == "inpo" else "dpo", eta=settings.eta, tau=settings.tau,
-                        beta=settings.dpo_beta),
-        optim=OptimConfig(lr=settings.lr, epochs=settings.epochs, per_device_batch_size=settings.batch_size,
-                          schedule="constant", warmup_ratio=0.0, max_grad_norm=10.0, seed=settings.seed),
-        output=OutputConfig(save_steps=0, report_to="none"),
-    )
+    # INPO's loss is minimized by the OMD step when pairs are drawn from π_t × π_t and labelled by P:
+    # all pairs of the K samples, labels drawn from P, is exactly that draw.
+    inpo = algorithm == "inpo"
+    return from_mapping(OnlineConfig, {
+        "model": {"name_or_path": str(start)},
+        "run": {"name": algorithm, "dir": str(run_dir), "algorithm": algorithm, "iterations": settings.iterations,
+                "seed": settings.seed},
+        "prompts": {"file": str(prompts_file)},
+        "sampling": {"backend": "transformers", "samples_per_prompt": settings.samples_per_prompt,
+                     "max_new_tokens": 8, "temperature": 1.0, "batch_size": 64},
+        "pairs": {"method": "all_pairs" if inpo else "best_vs_worst"},
+        "data": {"max_length": 64, "max_prompt_length": 48, "scoring_batch_size": 64},
+        "loss": {"eta": settings.eta, "tau": settings.tau, "beta": settings.dpo_beta} if inpo
+        else {"beta": settings.dpo_beta},
+        "optim": {"lr": settings.lr, "epochs": settings.epochs, "per_device_batch_size": settings.batch_size,
+                  "schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 10.0},
+        "output": {"save_steps": 0, "report_to": "none"},
+    }, source="<demo>")
 
 
 def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
