@@ -213,11 +213,11 @@ def test_online_ipo_step_is_a_gradient_step_on_the_expected_ipo_loss(random_game
     assert_allclose(step, expected, atol=1e-12)
 
 
-def test_regularized_nash_is_a_fixed_point_of_inpo_optimistic_inpo_and_online_ipo(random_games):
+def test_regularized_nash_is_a_fixed_point_of_inpo_optimistic_inpo_online_ipo_and_mirror_prox(random_games):
     P, ref = random_games
     tau, eta = 0.1, 0.3
     log_nash = np.log(g.nash_policy(P, ref, tau))
-    for step in (tb.inpo_step, tb.inpo_optimistic_step, tb.online_ipo_step):
+    for step in (tb.inpo_step, tb.inpo_optimistic_step, tb.online_ipo_step, tb.inpo_extragradient_step):
         out = step(P, np.log(ref), log_nash, log_nash, tau=tau, eta=eta, samples=0, rng=None)
         assert_allclose(np.exp(out), np.exp(log_nash), atol=1e-12)
 
@@ -279,6 +279,85 @@ def test_optimistic_inpo_converges_where_plain_inpo_does_not(random_games, plain
 
 
 # ---------------------------------------------------------------------------------------------------
+# Beyond the regularized fixed point: COMAL's reference refresh
+
+
+def _games_of_several_sizes(seed: int, count: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """`count` random intransitive games of 5 to 12 responses, generated as in docs/games.md, stacked
+    into one batch per number of responses: {n: (P (G, n, n), ref (G, n))}."""
+    rng = np.random.default_rng(seed)
+    by_size: dict[int, list] = {}
+    for _ in range(count):
+        n = int(rng.integers(5, 13))
+        by_size.setdefault(n, []).append((g.random_intransitive(n, rng), g.random_reference(n, rng)))
+    return {n: (np.stack([P for P, _ in games]), np.stack([r for _, r in games])) for n, games in by_size.items()}
+
+
+def test_comal_reaches_the_unregularized_nash_policy_where_inpo_stalls():
+    """24 games of 5 to 12 responses, τ = 0.1, η = 0.3 (a smaller version of the docs/games.md claim):
+    after 1,000 iterations comal's median DG₀ is ≤ 1e-3 (measured: 3e-5), while INPO's fixed point,
+    the regularized Nash policy, keeps a median DG₀ above 0.1 (measured: 0.19), and INPO is there."""
+    comal, inpo, stalled = [], [], []
+    for P, ref in _games_of_several_sizes(2024, 24).values():
+        comal.extend(tb.run_algorithm("comal", P, ref, tau=0.1, eta=0.3, iterations=1000).unregularized_gap[:, -1])
+        run = tb.run_algorithm("inpo", P, ref, tau=0.1, eta=0.3, iterations=200)
+        assert run.duality_gap[:, -1].max() < 1e-9
+        inpo.extend(run.unregularized_gap[:, -1])
+        stalled.extend(g.unregularized_gap(P, g.nash_policy(P, ref, 0.1)))
+    assert len(comal) == 24
+    assert np.median(comal) <= 1e-3
+    assert np.median(inpo) > 0.1
+    assert_allclose(inpo, stalled, atol=1e-4)
+
+
+def test_comal_refreshes_on_schedule_and_a_refresh_every_step_is_extragradient_without_regularization(
+    random_games,
+):
+    """With refresh_tolerance 0 the anchor is refreshed exactly every `refresh_every` steps. With
+    refresh_every 1 the anchor is always π_t, so the τ-terms of the inner step cancel:
+    log π_{t+½} = log π_t + P(· ≻ π_t)/η, log π_{t+1} = log π_t + P(· ≻ π_{t+½})/η, the unregularized
+    extragradient step, whatever τ is. Without refreshes, comal is mirror prox on the regularized game and
+    converges to its Nash policy."""
+    P, ref = random_games
+    run = tb.run_algorithm("comal", P, ref, tau=0.1, eta=0.3, iterations=23, refresh_every=5, refresh_tolerance=0)
+    assert (run.refreshes == 4).all()
+    every_step = tb.run_algorithm(
+        "comal", P, ref, tau=0.1, eta=0.3, iterations=30, refresh_every=1, refresh_tolerance=0
+    )
+    other_tau = tb.run_algorithm(
+        "comal", P, ref, tau=0.2, eta=0.3, iterations=30, refresh_every=1, refresh_tolerance=0
+    )
+    log_policy = np.log(ref)
+    for _ in range(30):
+        half = g.log_softmax(log_policy + tb.win_rates(P, log_policy) / 0.3)
+        log_policy = g.log_softmax(log_policy + tb.win_rates(P, half) / 0.3)
+    assert_allclose(every_step.policy, np.exp(log_policy), atol=1e-12)
+    assert_allclose(other_tau.policy, np.exp(log_policy), atol=1e-12)
+    never = tb.run_algorithm(
+        "comal", P, ref, tau=0.1, eta=0.3, iterations=200, refresh_every=10**6, refresh_tolerance=0
+    )
+    assert (never.refreshes == 0).all() and never.duality_gap[:, -1].max() < 1e-9
+
+
+def test_comal_refreshes_as_soon_as_the_inner_gap_is_below_the_tolerance():
+    """The inner gap is the regularized gap against the current anchor: at the first step the anchor is
+    ρ, so a tolerance above the gap of π_1 refreshes at once, and `inner_gap` with the anchor ρ is
+    `games.duality_gap`."""
+    game = g.condorcet_game()
+    first = tb.run_algorithm("comal", game.P, game.reference, tau=0.1, eta=0.3, iterations=1)
+    log_first = np.log(first.policy)
+    assert_allclose(
+        tb.inner_gap(game.P, np.log(game.reference), log_first, 0.1),
+        g.duality_gap(game.P, game.reference, first.policy, 0.1),
+        atol=1e-14,
+    )
+    gap = float(first.duality_gap[-1])
+    kwargs = {"tau": 0.1, "eta": 0.3, "iterations": 1, "refresh_every": 100}
+    assert tb.run_algorithm("comal", game.P, game.reference, refresh_tolerance=gap * 1.01, **kwargs).refreshes == 1
+    assert tb.run_algorithm("comal", game.P, game.reference, refresh_tolerance=gap * 0.99, **kwargs).refreshes == 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Runner
 
 
@@ -293,6 +372,9 @@ def test_runner_shapes_start_and_schedule():
         assert_allclose(run.duality_gap[0], g.duality_gap(game.P, game.reference, game.reference, 0.1))
         assert_allclose(run.policy.sum(), 1.0)
         assert_allclose(run.duality_gap[-1], g.duality_gap(game.P, game.reference, run.policy, 0.1))
+        assert run.unregularized_gap.shape == (6,)
+        assert_allclose(run.unregularized_gap[0], g.unregularized_gap(game.P, game.reference))
+        assert_allclose(run.unregularized_gap[-1], g.unregularized_gap(game.P, run.policy))
     assert_allclose(tb.step_schedule("theory", tau=0.1, eta=9.0, iterations=3), [0.15, 0.2, 0.25])
     assert_allclose(tb.step_schedule("fixed", tau=0.1, eta=0.3, iterations=2), [0.3, 0.3])
 
@@ -309,11 +391,13 @@ def test_runner_is_reproducible_and_independent_of_the_other_algorithms():
 
 def test_batched_games_equal_separate_runs(random_games):
     P, ref = random_games
-    for name in ("inpo", "inpo-optimistic", "online-ipo", "nash-md", "sppo"):
-        batch = tb.run_algorithm(name, P[:3], ref[:3], tau=0.1, eta=0.3, iterations=20)
+    for name in ("inpo", "inpo-optimistic", "online-ipo", "nash-md", "sppo", "comal"):
+        batch = tb.run_algorithm(name, P[:3], ref[:3], tau=0.1, eta=0.3, iterations=20, refresh_tolerance=1e-3)
         for k in range(3):
-            single = tb.run_algorithm(name, P[k], ref[k], tau=0.1, eta=0.3, iterations=20)
+            single = tb.run_algorithm(name, P[k], ref[k], tau=0.1, eta=0.3, iterations=20, refresh_tolerance=1e-3)
             assert_allclose(batch.duality_gap[k], single.duality_gap, atol=1e-13)
+            assert_allclose(batch.unregularized_gap[k], single.unregularized_gap, atol=1e-13)
+            assert batch.refreshes[k] == single.refreshes
 
 
 @pytest.mark.parametrize(
@@ -327,6 +411,8 @@ def test_batched_games_equal_separate_runs(random_games):
         ({"schedule": "cosine"}, "unknown schedule 'cosine'"),
         ({"iterations": 0}, "iterations must be an integer >= 1"),
         ({"samples": 0}, "samples must be an integer >= 1"),
+        ({"refresh_every": 0}, "refresh_every must be an integer >= 1"),
+        ({"refresh_tolerance": float("inf")}, "refresh_tolerance must be a finite number >= 0"),
     ],
 )
 def test_check_settings_rejects_bad_values(kwargs, match):

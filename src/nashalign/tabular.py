@@ -495,8 +495,8 @@ def run_algorithm(
     batch of games (P (G, n, n), ref (G, n)); the games are assumed valid (`games.validate_game`).
 
     For the algorithms in REFRESHED, each game's reference is replaced by the current iterate once
-    the inner gap (`inner_gap` against that reference) is ≤ `refresh_tolerance`, or `refresh_every`
-    steps after its last refresh; the others ignore both settings."""
+    the inner gap (`inner_gap` against that reference) is ≤ `refresh_tolerance` (0: never on the gap),
+    or `refresh_every` steps after its last refresh; the others ignore both settings."""
     check_settings(
         [algorithm],
         tau=tau,
@@ -525,9 +525,9 @@ def run_algorithm(
         )
         if algorithm in REFRESHED:
             since_refresh += 1
-            refresh = (since_refresh >= refresh_every) | (
-                inner_gap(P, log_anchor, log_policy, tau) <= refresh_tolerance
-            )
+            refresh = since_refresh >= refresh_every
+            if refresh_tolerance > 0:
+                refresh |= inner_gap(P, log_anchor, log_policy, tau) <= refresh_tolerance
             log_anchor = np.where(refresh[..., None], log_policy, log_anchor)
             since_refresh = np.where(refresh, 0, since_refresh)
             refreshes += refresh
