@@ -15,7 +15,8 @@ from scipy.optimize import minimize
 from nashalign import NashalignError
 from nashalign import games as g
 from nashalign import tabular as tb
-from nashalign.losses import ipo
+from nashalign.losses import ipo, make_loss, nash_md, online_ipo
+from nashalign.mixture import geometric_mixture_logprobs
 
 GAMES, ACTIONS = 24, 10
 
@@ -76,6 +77,56 @@ def test_minimizer_of_the_expected_inpo_loss_is_the_omd_step(random_games, eta, 
     fitted = tb.fit_inpo(np.log(ref), log_policy, chosen, rejected, weights, tau=tau, eta=eta)
     omd = tb.inpo_step(P, np.log(ref), log_policy, log_policy, tau=tau, eta=eta, samples=0, rng=None)
     assert np.abs(np.exp(fitted) - np.exp(omd)).max() < 1e-6
+
+
+@pytest.mark.parametrize(("eta", "tau"), [(0.3, 0.1), (1.0, 0.0), (0.05, 0.01), (0.5, 0.49)])
+def test_minimizers_of_the_expected_optimistic_losses_are_the_optimistic_step(random_games, eta, tau):
+    """ONPO in INPO's convention. Pairs from π_t, exact expectations; the auxiliary policy of the last
+    iteration satisfies π̂_{t−1} ∝ π_t·exp(−w_{t−1}/η) (what the previous iteration left, see the
+    next test). Minimizing `inpo-optimistic` over the policy gives the finite-game optimistic step
+    π_{t+1} ∝ π_t^(1−r)·ρ^r·exp((2w_t − w_{t−1})/η), and minimizing `inpo-optimistic-aux` gives
+    π̂_t ∝ π_{t+1}·exp(−w_t/η), the same relation one iteration later."""
+    P, ref = random_games
+    rng = np.random.default_rng(13)
+    log_previous = np.log(rng.dirichlet(np.ones(ACTIONS), GAMES))
+    log_policy = np.log(rng.dirichlet(np.ones(ACTIONS), GAMES))
+    log_aux = g.log_softmax(log_policy - tb.win_rates(P, log_previous) / eta)
+    chosen, rejected, weights = _all_ordered_pairs(P, np.exp(log_policy))
+    models = {"ref": np.log(ref), "prev": log_policy, "aux": log_aux}
+    policy_loss = make_loss("inpo-optimistic", eta=eta, tau=tau)
+    aux_loss = make_loss("inpo-optimistic-aux", eta=eta, tau=tau)
+    fitted = tb.fit_pair_loss(policy_loss, models, log_policy, chosen, rejected, weights)
+    fitted_aux = tb.fit_pair_loss(aux_loss, models, log_policy, chosen, rejected, weights)
+    step = tb.inpo_optimistic_step(
+        P, np.log(ref), log_policy, log_previous, tau=tau, eta=eta, samples=0, rng=None
+    )
+    assert np.abs(np.exp(fitted) - np.exp(step)).max() < 1e-6
+    invariant = g.softmax(step - tb.win_rates(P, log_policy) / eta)
+    assert np.abs(np.exp(fitted_aux) - invariant).max() < 1e-6
+
+
+def test_optimistic_losses_reproduce_the_optimistic_run_from_the_reference(random_games):
+    """The recipe for the online loop: iteration 0 trains π_1 with `inpo` and takes π̂_0 = π_0 = ρ; each
+    later iteration trains π_{t+1} with `inpo-optimistic` and π̂_t with `inpo-optimistic-aux` on the
+    same pairs from π_t, scored under ρ, π_t and π̂_{t−1}. With exact expectations the iterates are
+    those of `run_algorithm("inpo-optimistic")` (whose first step uses w_{−1} = w_0)."""
+    P, ref = random_games[0][:4], random_games[1][:4]
+    tau, eta, iterations = 0.1, 0.3, 6
+    log_ref = np.log(ref)
+    chosen, rejected, weights = _all_ordered_pairs(P, ref)
+    log_policy = tb.fit_inpo(log_ref, log_ref, chosen, rejected, weights, tau=tau, eta=eta)
+    log_aux = log_ref
+    policy_loss = make_loss("inpo-optimistic", eta=eta, tau=tau)
+    aux_loss = make_loss("inpo-optimistic-aux", eta=eta, tau=tau)
+    for _ in range(iterations - 1):
+        chosen, rejected, weights = _all_ordered_pairs(P, np.exp(log_policy))
+        models = {"ref": log_ref, "prev": log_policy, "aux": log_aux}
+        log_policy, log_aux = (
+            tb.fit_pair_loss(policy_loss, models, log_policy, chosen, rejected, weights),
+            tb.fit_pair_loss(aux_loss, models, log_policy, chosen, rejected, weights),
+        )
+    run = tb.run_algorithm("inpo-optimistic", P, ref, tau=tau, eta=eta, iterations=iterations)
+    assert np.abs(np.exp(log_policy) - run.policy).max() < 1e-6
 
 
 def test_fit_inpo_on_samples_reaches_the_least_squares_minimizer(random_games):
@@ -190,7 +241,7 @@ def test_closed_form_steps_are_the_argmax_of_their_proximal_objectives(random_ga
 def test_online_ipo_step_is_a_gradient_step_on_the_expected_ipo_loss(random_games):
     """Online IPO: θ_{t+1} = θ_t − (1/η)·(τ/4)·∇_θ E[IPO loss], β = τ, pairs from sg(π_t) labelled by
     the oracle, the expectation computed over all weighted pairs with `nashalign.losses.ipo` (summed
-    log-probs) and differentiated by autograd."""
+    log-probs) and differentiated by autograd; `nashalign.losses.online_ipo` is that loss."""
     P, ref = random_games
     log_policy = np.log(np.random.default_rng(6).dirichlet(np.ones(ACTIONS), GAMES))
     tau, eta = 0.1, 0.3
@@ -207,10 +258,58 @@ def test_online_ipo_step_is_a_gradient_step_on_the_expected_ipo_loss(random_game
         beta=tau,
         average_log_probs=False,
     )
+    pair_logps = {
+        "policy_chosen_logps": log_pi.gather(1, chosen).reshape(-1),
+        "policy_rejected_logps": log_pi.gather(1, rejected).reshape(-1),
+        "ref_chosen_logps": log_ref.gather(1, chosen).reshape(-1),
+        "ref_rejected_logps": log_ref.gather(1, rejected).reshape(-1),
+    }
+    assert torch.equal(online_ipo(**pair_logps, tau=tau), losses)
     (gradient,) = torch.autograd.grad((losses.reshape(weights.shape) * weights).sum(), theta)
     expected = g.log_softmax(log_policy - (tau / 4) * gradient.numpy() / eta)
     step = tb.online_ipo_step(P, np.log(ref), log_policy, log_policy, tau=tau, eta=eta, samples=0, rng=None)
     assert_allclose(step, expected, atol=1e-12)
+
+
+def test_online_ipo_minimized_to_convergence_is_the_best_response(random_games):
+    """Why online IPO takes gradient steps: the minimizer of E[(z − 1/(2τ))²] over pairs from π_t
+    (z = margin of log π − log ρ) solves g(y) − E g = (w_t(y) − ½)/τ, g = log π − log ρ, i.e.
+    π = softmax(log ρ + w_t/τ) = BR(π_t), a full best response (which cycles on intransitive games)."""
+    P, ref = random_games
+    tau = 0.1
+    log_policy = np.log(np.random.default_rng(14).dirichlet(np.ones(ACTIONS), GAMES))
+    chosen, rejected, weights = _all_ordered_pairs(P, np.exp(log_policy))
+    fitted = tb.fit_pair_loss(
+        make_loss("online-ipo", tau=tau), {"ref": np.log(ref)}, log_policy, chosen, rejected, weights
+    )
+    assert np.abs(np.exp(fitted) - g.best_response(P, ref, np.exp(log_policy), tau)).max() < 1e-6
+
+
+def test_nash_md_step_is_a_natural_gradient_step_on_the_expected_policy_gradient_loss(random_games):
+    """Nash-MD-PG in exact expectation: y ~ π_t, opponent y' ~ μ, the geometric mixture with
+    mixture_coef β = τ/η (for one "token" the token-level mixture of `geometric_mixture_logprobs` is
+    the mixture itself), p̂(y) = P(y ≻ μ). The expected loss Σ_y π_t(y)·nash_md(y) has the gradient
+    −π_t ⊙ (a − E_π_t a) in the logits at θ = log π_t, a = P(· ≻ μ) − τ·(log π_t − log ρ); the
+    natural-gradient step θ − ∇/(η·π_t) is log π_t + a/η + const = log μ + P(· ≻ μ)/η, the finite
+    game's Nash-MD step."""
+    P, ref = random_games
+    tau, eta = 0.1, 0.3
+    log_policy = np.log(np.random.default_rng(15).dirichlet(np.ones(ACTIONS), GAMES))
+    log_mixture = geometric_mixture_logprobs(
+        torch.tensor(log_policy), torch.tensor(np.log(ref)), mixture_coef=tau / eta
+    ).numpy()
+    theta = torch.tensor(log_policy, requires_grad=True)
+    losses = nash_md(
+        policy_logps=torch.log_softmax(theta, -1).reshape(-1),
+        ref_logps=torch.tensor(np.log(ref)).reshape(-1),
+        mixture_win_rate=torch.tensor(tb.win_rates(P, log_mixture)).reshape(-1),
+        tau=tau,
+    )
+    expected_loss = (losses.reshape(GAMES, ACTIONS) * torch.tensor(np.exp(log_policy))).sum()
+    (gradient,) = torch.autograd.grad(expected_loss, theta)
+    natural = g.log_softmax(log_policy - gradient.numpy() / (eta * np.exp(log_policy)))
+    step = tb.nash_md_step(P, np.log(ref), log_policy, log_policy, tau=tau, eta=eta, samples=0, rng=None)
+    assert_allclose(natural, step, atol=1e-12)
 
 
 def test_regularized_nash_is_a_fixed_point_of_inpo_optimistic_inpo_online_ipo_and_mirror_prox(random_games):

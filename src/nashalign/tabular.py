@@ -76,6 +76,7 @@ paper numbers iterates from π_1 = ρ, so the first step uses t = 1 (η = 3τ/2,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,66 +120,65 @@ def sample_pairs(
     return np.where(first_wins, first, second), np.where(first_wins, second, first)
 
 
-def fit_inpo(
-    log_ref: np.ndarray,
-    log_previous: np.ndarray,
+def fit_pair_loss(
+    loss: Callable[..., torch.Tensor],
+    log_models: dict[str, np.ndarray],
+    log_start: np.ndarray,
     chosen: np.ndarray,
     rejected: np.ndarray,
     weights: np.ndarray,
     *,
-    tau: float,
-    eta: float,
     max_steps: int | None = None,
 ) -> np.ndarray:
-    """Minimize Σ_i weights_i·INPO_loss(pair i) over the logits θ, from θ = log π_t; returns log π_θ.
+    """Minimize Σ_i weights_i·loss(pair i) over the logits θ, from θ = log_start; returns log π_θ.
 
-    Shapes: log_ref, log_previous (..., n); chosen, rejected (int) and weights (..., B). The loss is
-    `nashalign.losses.inpo` on the log-probs log_softmax(θ) gathered at the pairs, exactly what the
-    language-model trainer minimizes, and its gradient and curvature come from torch autograd.
+    `loss` is a bound pairwise loss of `nashalign.losses` whose log-prob inputs other than the
+    policy's come from `log_models`: {"ref": log π_ref, "prev": log π_t, "aux": log π̂, ...}, each
+    (..., n), gathered at the pairs as `<model>_chosen_logps` / `<model>_rejected_logps`. Shapes:
+    log_start (..., n); chosen, rejected (int) and weights (..., B). The policy's log-probs are
+    log_softmax(θ) gathered at the pairs, exactly what the language-model trainer feeds the loss, and
+    the gradient and curvature come from torch autograd.
 
-    Optimizer: conjugate gradients on θ with an exact line search, batched over games. h is linear
-    in θ (the log-normalizer cancels in chosen − rejected), so the objective is a convex quadratic and
-    the exact step along a direction d is −gᵀd / dᵀHd, with Hd from autograd (double backward).
-    Conjugate gradients then reach the minimizer in at most n steps per game (we allow 4n + 10 for
-    rounding and stop at a relative gradient of 1e-12). Fixed-rate methods (SGD, Adam) would need
-    thousands of steps, because the curvature along a logit is proportional to how often π_t samples
-    that response; torch's L-BFGS shares one line search across the batch of independent games and
-    stalls near 1e-5. The loop is hand-written for these two reasons. Logits of responses that appear
-    in no pair get no gradient and keep their value, like an unsampled response of a language model.
+    Optimizer: conjugate gradients on θ with an exact line search, batched over games. For the squared
+    losses (inpo, inpo-optimistic, online-ipo, ipo) the margin is linear in θ (the log-normalizer
+    cancels in chosen − rejected), so the objective is a convex quadratic and the exact step along a
+    direction d is −gᵀd / dᵀHd, with Hd from autograd (double backward). Conjugate gradients then
+    reach the minimizer in at most n steps per game (we allow 4n + 10 for rounding and stop at a
+    relative gradient of 1e-12). Fixed-rate methods (SGD, Adam) would need thousands of steps, because
+    the curvature along a logit is proportional to how often π_t samples that response; torch's L-BFGS
+    shares one line search across the batch of independent games and stalls near 1e-5. The loop is
+    hand-written for these two reasons. Logits of responses that appear in no pair get no gradient and
+    keep their value, like an unsampled response of a language model.
     """
-    batch = log_previous.shape[:-1]
-    n = log_previous.shape[-1]
-    prev = torch.tensor(log_previous.reshape(-1, n))
-    ref = torch.tensor(np.broadcast_to(log_ref, log_previous.shape).reshape(-1, n))
-    chosen_t = torch.as_tensor(np.ascontiguousarray(chosen).reshape(len(prev), -1))
-    rejected_t = torch.as_tensor(np.ascontiguousarray(rejected).reshape(len(prev), -1))
-    weights_t = torch.tensor(np.asarray(weights, dtype=np.float64).reshape(len(prev), -1))
-    constant = {
-        "ref_chosen_logps": ref.gather(1, chosen_t).reshape(-1),
-        "ref_rejected_logps": ref.gather(1, rejected_t).reshape(-1),
-        "prev_chosen_logps": prev.gather(1, chosen_t).reshape(-1),
-        "prev_rejected_logps": prev.gather(1, rejected_t).reshape(-1),
-    }
+    batch = log_start.shape[:-1]
+    n = log_start.shape[-1]
+    start = torch.tensor(log_start.reshape(-1, n))
+    chosen_t = torch.as_tensor(np.ascontiguousarray(chosen).reshape(len(start), -1))
+    rejected_t = torch.as_tensor(np.ascontiguousarray(rejected).reshape(len(start), -1))
+    weights_t = torch.tensor(np.asarray(weights, dtype=np.float64).reshape(len(start), -1))
+    constant = {}
+    for model, log_policy in log_models.items():
+        table = torch.tensor(np.broadcast_to(log_policy, log_start.shape).reshape(-1, n))
+        constant[f"{model}_chosen_logps"] = table.gather(1, chosen_t).reshape(-1)
+        constant[f"{model}_rejected_logps"] = table.gather(1, rejected_t).reshape(-1)
 
     def gradient(logits: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         log_policy = torch.log_softmax(logits, dim=-1)
-        losses = inpo_loss(
+        losses = loss(
             policy_chosen_logps=log_policy.gather(1, chosen_t).reshape(-1),
             policy_rejected_logps=log_policy.gather(1, rejected_t).reshape(-1),
             **constant,
-            eta=eta,
-            tau=tau,
         )
         objective = (losses.reshape(weights_t.shape) * weights_t).sum()
         return torch.autograd.grad(objective, logits, create_graph=create_graph)[0]
 
-    logits = prev.clone().requires_grad_(True)
+    logits = start.clone().requires_grad_(True)
     g = gradient(logits).detach()
     direction = -g
-    start = g.norm(dim=-1)
+    initial = g.norm(dim=-1)
     for _ in range(4 * n + 10 if max_steps is None else max_steps):
         g_norm2 = (g * g).sum(-1)
-        if bool(torch.all(g_norm2.sqrt() <= 1e-12 * start + 1e-300)):
+        if bool(torch.all(g_norm2.sqrt() <= 1e-12 * initial + 1e-300)):
             break
         g_at = gradient(logits, create_graph=True)
         curvature = torch.autograd.grad((g_at * direction).sum(), logits)[0]
@@ -192,6 +192,31 @@ def fit_inpo(
         g = g_new
     with torch.no_grad():
         return torch.log_softmax(logits, dim=-1).numpy().reshape(batch + (n,))
+
+
+def fit_inpo(
+    log_ref: np.ndarray,
+    log_previous: np.ndarray,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    weights: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    max_steps: int | None = None,
+) -> np.ndarray:
+    """Minimize Σ_i weights_i·INPO_loss(pair i) over the logits θ, from θ = log π_t (`fit_pair_loss`
+    with `nashalign.losses.inpo`); returns log π_θ. Shapes: log_ref, log_previous (..., n); chosen,
+    rejected (int) and weights (..., B)."""
+    return fit_pair_loss(
+        functools.partial(inpo_loss, eta=eta, tau=tau),
+        {"ref": log_ref, "prev": log_previous},
+        log_previous,
+        chosen,
+        rejected,
+        weights,
+        max_steps=max_steps,
+    )
 
 
 def fit_bradley_terry(
