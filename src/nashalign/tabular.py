@@ -63,9 +63,10 @@ Parameterizations of the baselines, chosen so that one η means one step size fo
       log π_{t+½} = (1 − r)·log π_t + r·log ρ_k + w_t/η
       log π_{t+1} = (1 − r)·log π_t + r·log ρ_k + P(y ≻ π_{t+½})/η
 
-  so one iteration evaluates the win rates twice. Plain INPO steps can cycle on an inner game whose
-  anchor has become nearly deterministic, and optimistic steps need a smaller step (η = 0.5 instead
-  of 0.3 on the 24 games of docs/games.md); mirror prox settled on all of them. The regularized gap
+  so one iteration evaluates the win rates twice. Extragradient steps converge on every monotone
+  game with a small enough step 1/η, where plain INPO steps can keep oscillating on an inner game
+  whose anchor has become nearly deterministic, and optimistic steps need a smaller step than mirror
+  prox (both seen in trials on the games of docs/games.md). The regularized gap
   `duality_gap` reported for comal is still the gap of the game regularized towards the original ρ,
   which is not 0 at the unregularized Nash policy.
 
