@@ -55,8 +55,8 @@ Parameterizations of the baselines, chosen so that one η means one step size fo
   Preferences"): a proximal-point outer loop. Each inner game is the regularized game with the anchor
   ρ_k in place of ρ; its Nash policy is the next anchor. As k grows the anchors converge to a Nash
   policy of the unregularized game, where INPO alone stops at the regularized Nash policy (DG₀ ≈ 0.1
-  at τ = 0.1). The anchor is refreshed, ρ_{k+1} = π_t, as soon as the inner game's regularized gap
-  is ≤ `refresh_tolerance`, and at the latest `refresh_every` steps after the last refresh. The inner
+  at τ = 0.1). The anchor is refreshed, ρ_{k+1} = π_t, every `refresh_every` steps (default 20),
+  and, if `refresh_tolerance` > 0, also as soon as the inner game's regularized gap is ≤ it. The inner
   method is mirror prox (extragradient in the KL geometry): an INPO step from π_t to an extrapolated
   π_{t+½} and the INPO step from π_t driven by P(y ≻ π_{t+½}),
 
@@ -473,8 +473,8 @@ def check_settings(
     iterations: int,
     schedule: str,
     samples: int,
-    refresh_every: int = 100,
-    refresh_tolerance: float = 1e-8,
+    refresh_every: int = 20,
+    refresh_tolerance: float = 0.0,
 ) -> None:
     """Raise NashalignError, naming the setting, for values the algorithms cannot run with."""
     for name in algorithms:
@@ -514,8 +514,8 @@ def run_algorithm(
     schedule: str = "fixed",
     samples: int = 1000,
     rng: np.random.Generator | None = None,
-    refresh_every: int = 100,
-    refresh_tolerance: float = 1e-8,
+    refresh_every: int = 20,
+    refresh_tolerance: float = 0.0,
 ) -> TabularRun:
     """Run one algorithm from π_0 = ref for `iterations` steps on a game (P (n, n), ref (n,)) or a
     batch of games (P (G, n, n), ref (G, n)); the games are assumed valid (`games.validate_game`).
@@ -580,8 +580,8 @@ def run_algorithms(
     schedule: str = "fixed",
     samples: int = 1000,
     seed: int = 0,
-    refresh_every: int = 100,
-    refresh_tolerance: float = 1e-8,
+    refresh_every: int = 20,
+    refresh_tolerance: float = 0.0,
 ) -> dict[str, TabularRun]:
     """Run several algorithms on the same game(s). Each algorithm draws from its own generator,
     seeded by (seed, its index in ALGORITHMS), so its result does not depend on the others chosen."""

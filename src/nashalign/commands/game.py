@@ -76,15 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refresh-every",
         type=int,
-        default=100,
-        help="comal: refresh the reference to the current policy at the latest every N steps (default 100)",
+        default=20,
+        help="comal: refresh the reference to the current policy every N steps (default 20)",
     )
     parser.add_argument(
         "--refresh-tolerance",
         type=float,
-        default=1e-8,
-        help="comal: refresh as soon as the inner game's regularized gap is <= this; 0: only every N steps "
-        "(default 1e-8)",
+        default=0.0,
+        help="comal: refresh also as soon as the inner game's regularized gap is <= this; 0: only every N "
+        "steps (default 0)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for sampling and the random game (default 0)"
@@ -253,8 +253,9 @@ def run(args: argparse.Namespace) -> int:
         f"settings: tau={args.tau:g}, {steps}, {args.iterations} iterations, seed {args.seed}"
         + (f", {args.samples} sampled pairs per iteration ({', '.join(sampled)})" if sampled else "")
         + (
-            f", reference refreshed when the inner gap <= {args.refresh_tolerance:g} or after "
-            f"{args.refresh_every} steps ({', '.join(refreshed)})"
+            f", reference refreshed every {args.refresh_every} steps"
+            + (f" or when the inner gap <= {args.refresh_tolerance:g}" if args.refresh_tolerance > 0 else "")
+            + f" ({', '.join(refreshed)})"
             if refreshed
             else ""
         )
