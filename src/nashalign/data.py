@@ -14,8 +14,16 @@ Tokenization follows TRL's DPOTrainer (1.16), so losses on the same records agre
   A response that already ends with the EOS text gets no second one.
 - Conversational records: the prompt is rendered with `apply_chat_template(prompt,
   add_generation_prompt=True)`; each response is `ids(prompt + response) - ids(prompt)`, the full
-  conversation rendered by the same template. A template for which the prompt's ids are not a prefix
-  of the full conversation's ids is an error naming the record.
+  conversation rendered by the same template. When the prompt's ids are not a prefix of the full
+  conversation's ids (a generation prompt that ends inside a token: `assistant: ` with a byte-level
+  BPE, whose trailing space merges with the response's first word), the response is the text that
+  follows the rendered prompt in the rendered conversation, tokenized on its own and appended to the
+  prompt's ids (as earlier TRL releases did), so the pair is trained on the context the policy is
+  given when it generates (it continues the prompt's ids); such records are counted in
+  `TruncationReport.separately_tokenized`. (TRL 1.16 cuts the prompt at the common token prefix
+  instead, which drops the generation prompt's last token from the training context.) A template whose rendered prompt text is
+  not even the start of the rendered conversation leaves the response nowhere to be found: an error
+  naming the record.
 
 One end-of-sequence token ends each response. What "ends" means for templates that write text after
 the EOS of a turn (the tiny template writes "</s>\\n"): the response stops at its last EOS token;
@@ -96,7 +104,9 @@ class TruncationReport:
 
     `truncated_prompts` counts prompts cut from the left; `truncated_chosen` / `truncated_rejected`
     count responses cut from the right; `dropped` lists the sources of records that could not fit;
-    `boundary_merges` counts string records whose last prompt token merged with the response.
+    `boundary_merges` counts string records whose last prompt token merged with the response;
+    `separately_tokenized` counts conversational records whose prompt and responses were tokenized
+    separately because the template's generation prompt ends inside a token.
     """
 
     total: int = 0
@@ -104,6 +114,7 @@ class TruncationReport:
     truncated_chosen: int = 0
     truncated_rejected: int = 0
     boundary_merges: int = 0
+    separately_tokenized: int = 0
     dropped: list[str] = field(default_factory=list)
 
     @property
@@ -123,6 +134,13 @@ class TruncationReport:
         if self.dropped:
             shown = ", ".join(self.dropped[:5]) + (", ..." if len(self.dropped) > 5 else "")
             text += f": {shown}"
+        if self.boundary_merges:
+            text += f"; {self.boundary_merges} string prompts merge their last token into the response"
+        if self.separately_tokenized:
+            text += (
+                f"; {self.separately_tokenized} conversational records tokenized as prompt and response "
+                "separately (the generation prompt ends inside a token)"
+            )
         return text
 
 
@@ -148,11 +166,12 @@ def tokenize_records(
     for record in records:
         report.total += 1
         try:
-            prompt_ids, chosen_ids, rejected_ids, merged = _tokenize_record(record, tokenizer, keep_after_eos)
+            prompt_ids, chosen_ids, rejected_ids, merged, split = _tokenize_record(record, tokenizer, keep_after_eos)
         except _RecordError as error:
             problems.append(Problem(record.source, error.field, str(error)))
             continue
         report.boundary_merges += merged
+        report.separately_tokenized += split
         pair = _truncate(
             TokenizedPair(prompt_ids, chosen_ids, rejected_ids, record.source, dict(record.extra)),
             max_length,
@@ -170,6 +189,14 @@ def tokenize_records(
             "token is counted in the response (as TRL does). End prompts on a token boundary (a space or "
             "newline) to avoid it.",
             report.boundary_merges,
+        )
+    if report.separately_tokenized:
+        logger.warning(
+            "%d conversational record(s): the chat template's generation prompt ends inside a token of "
+            "prompt + response (e.g. a trailing space that merges with the response's first word); their "
+            "prompt and responses are tokenized separately and concatenated, the context the policy "
+            "generates from.",
+            report.separately_tokenized,
         )
     if report.truncated_prompts or report.truncated_responses or report.dropped:
         logger.warning("truncation: %s", report.summary())
@@ -194,26 +221,23 @@ def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> Non
 
 
 def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: bool):
+    """(prompt ids, chosen ids, rejected ids, boundary merged: 0/1, tokenized separately: 0/1)."""
     eos_id = tokenizer.eos_token_id
+    merged = split = 0
     if record.is_conversational:
         if not getattr(tokenizer, "chat_template", None):
             raise _RecordError("prompt", "conversational record, but the tokenizer has no chat template")
         prompt_ids = _chat_ids(tokenizer, record.prompt, add_generation_prompt=True, field_name="prompt")
         responses = []
         for key in ("chosen", "rejected"):
-            full_ids = _chat_ids(
-                tokenizer, record.prompt + getattr(record, key), add_generation_prompt=False, field_name=key
-            )
-            if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise _RecordError(
-                    key,
-                    "the chat template renders the prompt (with add_generation_prompt=True) differently from "
-                    "the start of prompt + response, so the response tokens cannot be separated; the prompt "
-                    f"ends {tokenizer.decode(prompt_ids[-8:])!r}, the conversation continues "
-                    f"{tokenizer.decode(full_ids[max(0, len(prompt_ids) - 8) : len(prompt_ids) + 8])!r}",
-                )
-            responses.append(_end_with_one_eos(full_ids[len(prompt_ids) :], eos_id, keep_after_eos))
-        merged = 0
+            conversation = record.prompt + getattr(record, key)
+            full_ids = _chat_ids(tokenizer, conversation, add_generation_prompt=False, field_name=key)
+            if full_ids[: len(prompt_ids)] == prompt_ids:
+                response_ids = full_ids[len(prompt_ids) :]
+            else:
+                response_ids = _response_after_prompt_text(tokenizer, record.prompt, conversation, key)
+                split = 1
+            responses.append(_end_with_one_eos(response_ids, eos_id, keep_after_eos))
     else:
         eos_text = tokenizer.eos_token
         prompt_ids = _text_ids(tokenizer, record.prompt)
@@ -227,7 +251,26 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
         responses = [_end_with_one_eos(ids[prompt_len:], eos_id, keep_after_eos) for ids in full]
     if not prompt_ids:
         raise _RecordError("prompt", "tokenizes to no tokens, so the first response token has no context")
-    return prompt_ids, responses[0], responses[1], merged
+    return prompt_ids, responses[0], responses[1], merged, split
+
+
+def _response_after_prompt_text(
+    tokenizer: Any, prompt: list[dict[str, Any]], conversation: list[dict[str, Any]], field_name: str
+) -> list[int]:
+    """The ids of the text that follows the rendered prompt in the rendered conversation, tokenized
+    on their own (the response of a template whose generation prompt ends inside a token)."""
+    prompt_text = _chat_text(tokenizer, prompt, add_generation_prompt=True, field_name="prompt")
+    full_text = _chat_text(tokenizer, conversation, add_generation_prompt=False, field_name=field_name)
+    if not full_text.startswith(prompt_text):
+        start = _common_prefix_length(prompt_text, full_text)
+        raise _RecordError(
+            field_name,
+            "the chat template renders the prompt (with add_generation_prompt=True) differently from the "
+            f"start of prompt + response, so the response cannot be located: after "
+            f"{prompt_text[max(0, start - 12) : start]!r} (character {start}) the prompt continues "
+            f"{prompt_text[start : start + 24]!r}, the conversation {full_text[start : start + 24]!r}",
+        )
+    return _text_ids(tokenizer, full_text[len(prompt_text) :], add_special_tokens=False)
 
 
 def _chat_ids(
@@ -242,8 +285,17 @@ def _chat_ids(
     return list(encoded["input_ids"])
 
 
-def _text_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text)["input_ids"])
+def _chat_text(
+    tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool, field_name: str
+) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as error:  # a template may raise anything (jinja2 errors, raise_exception(...))
+        raise _RecordError(field_name, f"the chat template failed: {type(error).__name__}: {error}") from None
+
+
+def _text_ids(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def _strip_suffix(text: str, suffix: str) -> str:
@@ -252,7 +304,7 @@ def _strip_suffix(text: str, suffix: str) -> str:
     return text
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_prefix_length(a: Sequence[Any], b: Sequence[Any]) -> int:
     length = 0
     for x, y in zip(a, b):
         if x != y:
