@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nashalign import NashalignError
+from nashalign.json_input import RECURSION, TOO_DEEP, NestingError, load_json, nested_too_deep
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,15 @@ def read_records(source: Any, *, split: str | None = None) -> RecordReport:
 
 
 def read_rows(source: Any, *, split: str | None = None) -> list[tuple[str, Any]]:
-    """Raw rows `(where, row)` of `source` in order; a row that cannot be decoded is a `Problem`."""
+    """Raw rows `(where, row)` of `source` in order; a row that cannot be decoded, or that nests
+    more than MAX_DEPTH levels (nashalign.json_input), is a `Problem`."""
+    return [
+        (where, Problem(where, None, TOO_DEEP) if not isinstance(row, Problem) and nested_too_deep(row) else row)
+        for where, row in _read_rows(source, split)
+    ]
+
+
+def _read_rows(source: Any, split: str | None) -> list[tuple[str, Any]]:
     if isinstance(source, list):
         return [(f"records[{i}]", row) for i, row in enumerate(source)]
     if not isinstance(source, (str, Path)):
@@ -194,9 +203,11 @@ def _jsonl_rows(path: Path, data: bytes) -> list[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append((where, json.loads(line)))
+            rows.append((where, load_json(line, path, number, max_depth=None)))
         except json.JSONDecodeError as error:
             rows.append((where, Problem(where, None, f"not valid JSON: {error.msg} at column {error.colno}")))
+        except NestingError as error:
+            rows.append((where, Problem(where, None, error.reason)))
     return rows
 
 
@@ -207,7 +218,7 @@ def _json_rows(path: Path, data: bytes) -> list[tuple[str, Any]]:
         line = data.count(b"\n", 0, error.start) + 1
         raise NashalignError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[error.start]:02x})") from None
     try:
-        document = json.loads(text)
+        document = load_json(text, path, max_depth=None)  # rows nested too deep are problems of their own
     except json.JSONDecodeError as error:
         raise NashalignError(
             f"{path}:{error.lineno}: not valid JSON: {error.msg} at column {error.colno}"
@@ -227,7 +238,15 @@ def _parquet_rows(path: Path) -> list[tuple[str, Any]]:
         table = pyarrow.parquet.read_table(path)
     except (pyarrow.ArrowException, OSError) as error:
         raise NashalignError(f"{path}: not a readable Parquet file: {error}") from None
-    return [(f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist())]
+    return [(f"{path}[{i}]", row) for i, row in enumerate(_to_list(table.to_pylist, str(path)))]
+
+
+def _to_list(convert, name: str) -> list[Any]:
+    """Arrow rows as Python objects; conversion recurses once per nesting level."""
+    try:
+        return convert()
+    except RecursionError:
+        raise NashalignError(f"{name}: {RECURSION}") from None
 
 
 def _load_from_disk(path: Path) -> Any:
@@ -239,6 +258,8 @@ def _load_from_disk(path: Path) -> Any:
         return datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as error:
         raise NashalignError(f"{path}: cannot load the datasets folder: {error}") from None
+    except RecursionError:  # its features (the column types) nest too deep
+        raise NashalignError(f"{path}: cannot load the datasets folder: {RECURSION}") from None
 
 
 def _dataset_rows(dataset: Any, split: str | None, name: str) -> list[tuple[str, Any]]:
@@ -252,13 +273,14 @@ def _dataset_rows(dataset: Any, split: str | None, name: str) -> list[tuple[str,
             split = splits[0]
         if split not in dataset:
             raise NashalignError(f"{name}: no split {split!r}; available: {splits}")
-        return [(f"{name}[{split}][{i}]", row) for i, row in enumerate(dataset[split].to_list())]
+        rows = _to_list(dataset[split].to_list, f"{name}[{split}]")
+        return [(f"{name}[{split}][{i}]", row) for i, row in enumerate(rows)]
     if isinstance(dataset, datasets.Dataset):
         if split is not None:
             raise NashalignError(
                 f"{name}: split={split!r} given but it holds a single Dataset, not a DatasetDict"
             )
-        return [(f"{name}[{i}]", row) for i, row in enumerate(dataset.to_list())]
+        return [(f"{name}[{i}]", row) for i, row in enumerate(_to_list(dataset.to_list, name))]
     raise NashalignError(
         f"cannot read records from a {type(dataset).__name__}; expected a path, a datasets.Dataset, "
         "a DatasetDict or a list of dicts"
