@@ -228,3 +228,16 @@ def test_the_cli_prints_one_line_for_a_deep_records_file(tmp_path, tiny_model_di
     assert status == 2 and "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("nashalign train: error:")]
     assert line.endswith(f"{path}:2: {TOO_DEEP}")
+
+
+def test_config_yaml_too_deep_for_the_parser_is_one_error(tmp_path):
+    """YAML configs: the composer recurses once per level too; a 3000-level value in the file or in a
+    --set override is one error naming where it came from."""
+    from nashalign.config import TrainConfig, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model:\n  name_or_path: {nested_text(3000, 'x')}\n")
+    with pytest.raises(NashalignError, match=rf"^{path}: invalid YAML: lists/objects nested too deeply"):
+        load_config(TrainConfig, path)
+    with pytest.raises(NashalignError, match=r"^--set loss.beta=\[+x\]+: invalid YAML: lists/objects nested too"):
+        load_config(TrainConfig, None, [f"loss.beta={nested_text(3000, 'x')}"])
