@@ -46,7 +46,7 @@ def prompt_file(config: PromptsConfig, t: int) -> str:
 def load_prompts(config: PromptsConfig, t: int = 0) -> list[str | list[dict]]:
     """The prompts of iteration t (see prompt_file), each a string or a list of {"role", "content"}
     messages."""
-    from nashalign.records import Problem, read_rows
+    from nashalign.sources import Problem, read_rows
 
     file = prompt_file(config, t)
     prompts = []
