@@ -12,18 +12,9 @@ Tokenization follows TRL's DPOTrainer (1.16), so losses on the same records agre
   boundary that prefix is shorter than the prompt, the prompt's last token(s) are replaced by the
   merged one, and the record is counted in `TruncationReport.boundary_merges` (TRL warns the same).
   A response that already ends with the EOS text gets no second one.
-- Conversational records: the prompt is rendered with `apply_chat_template(prompt,
-  add_generation_prompt=True)`; each response is `ids(prompt + response) - ids(prompt)`, the full
-  conversation rendered by the same template. When the prompt's ids are not a prefix of the full
-  conversation's ids (a generation prompt that ends inside a token: `assistant: ` with a byte-level
-  BPE, whose trailing space merges with the response's first word), the response is the text that
-  follows the rendered prompt in the rendered conversation, tokenized on its own and appended to the
-  prompt's ids (as earlier TRL releases did), so the pair is trained on the context the policy is
-  given when it generates (it continues the prompt's ids); such records are counted in
-  `TruncationReport.separately_tokenized`. (TRL 1.16 cuts the prompt at the common token prefix
-  instead, which drops the generation prompt's last token from the training context.) A template whose rendered prompt text is
-  not even the start of the rendered conversation leaves the response nowhere to be found: an error
-  naming the record.
+- Conversational records: through the chat template, see `nashalign.templates`; the prompt is the
+  template's generation prompt, exactly what the policy continues when it generates. Records whose
+  generation prompt ends inside a token are counted in `TruncationReport.separately_tokenized`.
 
 One end-of-sequence token ends each response. What "ends" means for templates that write text after
 the EOS of a turn (the tiny template writes "</s>\\n"): the response stops at its last EOS token;
@@ -61,6 +52,7 @@ from nashalign.records import (
     read_records,
     split_implicit_prompt,
 )
+from nashalign.templates import RecordError, conversation_ids
 
 __all__ = [
     "PreferenceRecord",
@@ -167,7 +159,7 @@ def tokenize_records(
         report.total += 1
         try:
             prompt_ids, chosen_ids, rejected_ids, merged, split = _tokenize_record(record, tokenizer, keep_after_eos)
-        except _RecordError as error:
+        except RecordError as error:
             problems.append(Problem(record.source, error.field, str(error)))
             continue
         report.boundary_merges += merged
@@ -203,12 +195,6 @@ def tokenize_records(
     return pairs, report
 
 
-class _RecordError(Exception):
-    def __init__(self, field_name: str | None, message: str):
-        super().__init__(message)
-        self.field = field_name
-
-
 def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> None:
     for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -225,19 +211,11 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
     eos_id = tokenizer.eos_token_id
     merged = split = 0
     if record.is_conversational:
-        if not getattr(tokenizer, "chat_template", None):
-            raise _RecordError("prompt", "conversational record, but the tokenizer has no chat template")
-        prompt_ids = _chat_ids(tokenizer, record.prompt, add_generation_prompt=True, field_name="prompt")
-        responses = []
-        for key in ("chosen", "rejected"):
-            conversation = record.prompt + getattr(record, key)
-            full_ids = _chat_ids(tokenizer, conversation, add_generation_prompt=False, field_name=key)
-            if full_ids[: len(prompt_ids)] == prompt_ids:
-                response_ids = full_ids[len(prompt_ids) :]
-            else:
-                response_ids = _response_after_prompt_text(tokenizer, record.prompt, conversation, key)
-                split = 1
-            responses.append(_end_with_one_eos(response_ids, eos_id, keep_after_eos))
+        prompt_ids, response_ids, separately = conversation_ids(
+            tokenizer, record.prompt, {key: getattr(record, key) for key in ("chosen", "rejected")}
+        )
+        responses = [_end_with_one_eos(ids, eos_id, keep_after_eos) for ids in response_ids]
+        split = int(separately)
     else:
         eos_text = tokenizer.eos_token
         prompt_ids = _text_ids(tokenizer, record.prompt)
@@ -250,52 +228,12 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
         prompt_ids = prompt_ids[:prompt_len]
         responses = [_end_with_one_eos(ids[prompt_len:], eos_id, keep_after_eos) for ids in full]
     if not prompt_ids:
-        raise _RecordError("prompt", "tokenizes to no tokens, so the first response token has no context")
+        raise RecordError("prompt", "tokenizes to no tokens, so the first response token has no context")
     return prompt_ids, responses[0], responses[1], merged, split
 
 
-def _response_after_prompt_text(
-    tokenizer: Any, prompt: list[dict[str, Any]], conversation: list[dict[str, Any]], field_name: str
-) -> list[int]:
-    """The ids of the text that follows the rendered prompt in the rendered conversation, tokenized
-    on their own (the response of a template whose generation prompt ends inside a token)."""
-    prompt_text = _chat_text(tokenizer, prompt, add_generation_prompt=True, field_name="prompt")
-    full_text = _chat_text(tokenizer, conversation, add_generation_prompt=False, field_name=field_name)
-    if not full_text.startswith(prompt_text):
-        start = _common_prefix_length(prompt_text, full_text)
-        raise _RecordError(
-            field_name,
-            "the chat template renders the prompt (with add_generation_prompt=True) differently from the "
-            f"start of prompt + response, so the response cannot be located: after "
-            f"{prompt_text[max(0, start - 12) : start]!r} (character {start}) the prompt continues "
-            f"{prompt_text[start : start + 24]!r}, the conversation {full_text[start : start + 24]!r}",
-        )
-    return _text_ids(tokenizer, full_text[len(prompt_text) :], add_special_tokens=False)
-
-
-def _chat_ids(
-    tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool, field_name: str
-) -> list[int]:
-    try:
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
-        )
-    except Exception as error:  # a template may raise anything (jinja2 errors, raise_exception(...))
-        raise _RecordError(field_name, f"the chat template failed: {type(error).__name__}: {error}") from None
-    return list(encoded["input_ids"])
-
-
-def _chat_text(
-    tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool, field_name: str
-) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    except Exception as error:  # a template may raise anything (jinja2 errors, raise_exception(...))
-        raise _RecordError(field_name, f"the chat template failed: {type(error).__name__}: {error}") from None
-
-
-def _text_ids(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
 
 
 def _strip_suffix(text: str, suffix: str) -> str:
@@ -304,7 +242,7 @@ def _strip_suffix(text: str, suffix: str) -> str:
     return text
 
 
-def _common_prefix_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     length = 0
     for x, y in zip(a, b):
         if x != y:
