@@ -458,6 +458,31 @@ def test_template_without_eos_gets_one_appended(tiny_tokenizer):
     assert tok.decode(pair.chosen_ids) == "yes\n</s>"
 
 
+def test_stop_token_ids_end_responses_where_generation_stops(two_eos_model_dir):
+    """Llama-3-style stop tokens: the template ends turns with "<|eot|>\\n" while the tokenizer's
+    eos_token is "</s>". Given the model's stop ids ["</s>", "<|eot|>"], a response ends with the
+    "<|eot|>" its turn ends with, as generation stops there; with the tokenizer's EOS alone it would
+    run on through "\\n" and get a "</s>" appended that the model never produces after "<|eot|>".
+    String responses likewise; a trailing run "<|eot|></s>" is cut after its first token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<|eot|>")
+    records = load_records(
+        [
+            {"prompt": [user("Hi")], "chosen": [assistant("yes")], "rejected": [assistant("no")]},
+            {"prompt": "Hi", "chosen": " yes<|eot|>", "rejected": " no<|eot|></s>"},
+        ]
+    )
+    (chat, text), _ = tokenize_records(records, tok, stop_token_ids=[eos, eot])
+    assert chat.chosen_ids == _ids(tok, "yes") + [eot] and chat.rejected_ids == _ids(tok, "no") + [eot]
+    assert text.chosen_ids == _ids(tok, " yes") + [eot] and text.rejected_ids == _ids(tok, " no") + [eot]
+    (chat_eos_only, _), _ = tokenize_records(records, tok)
+    assert chat_eos_only.chosen_ids == _ids(tok, "yes") + [eot] + _ids(tok, "\n") + [eos]
+    with pytest.raises(NashalignError, match="stop_token_ids must be token ids"):
+        tokenize_records(records, tok, stop_token_ids=["<|eot|>"])
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     response=st.lists(

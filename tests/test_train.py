@@ -563,3 +563,24 @@ def test_cli_trains_on_a_template_whose_generation_prompt_ends_inside_a_token(mo
     assert "trained 2 steps" in printed
     assert ("data: 4/4 records kept; truncated: 0 prompts, 0 chosen, 0 rejected responses; 0 dropped "
             "(prompt fills max_length); 3 conversational records tokenized as prompt and response separately") in printed
+
+
+def test_train_file_responses_end_with_the_stop_token_of_the_policy(two_eos_model_dir, tmp_path):
+    """`nashalign train` tokenizes data.train_file with the policy's stop ids (its generation config
+    lists "</s>" and "<|eot|>", and its template ends turns with "<|eot|>"): a conversational
+    response ends with "<|eot|>", the token the policy stops on, and nothing after it."""
+    from transformers import AutoTokenizer
+
+    from nashalign.train import training_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "assistant", "content": "no"}]}
+    data.write_text(json.dumps(row) + "\n")
+    config = from_mapping(TrainConfig, {"model": {"name_or_path": str(two_eos_model_dir)},
+                                        "data": {"train_file": str(data)}})
+    tokenizer = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    (pair,), report = training_pairs(config, tokenizer)
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    assert pair.chosen_ids == tokenizer("yes", add_special_tokens=False)["input_ids"] + [eot]
+    assert report.kept == 1

@@ -16,12 +16,15 @@ Tokenization follows TRL's DPOTrainer (1.16), so losses on the same records agre
   template's generation prompt, exactly what the policy continues when it generates. Records whose
   generation prompt ends inside a token are counted in `TruncationReport.separately_tokenized`.
 
-One end-of-sequence token ends each response. What "ends" means for templates that write text after
-the EOS of a turn (the tiny template writes "</s>\\n"): the response stops at its last EOS token;
-the template's tokens after it (the "\\n") are never generated (generation stops at EOS), so they are
-dropped and the log-prob of the EOS itself is the last one counted. `keep_after_eos=True` keeps them,
-which is what TRL does. A response without any EOS gets one appended; trailing runs of EOS are
-collapsed to one. A response cut by `max_length` ends where it is cut, without EOS.
+One end-of-sequence token ends each response. An EOS token is the tokenizer's or any of
+`stop_token_ids`, the ids generation stops on (a model's `generation_config.eos_token_id` may list
+several: Llama 3 stops on <|end_of_text|> and on <|eot_id|>, which ends its chat turns). What "ends"
+means for templates that write text after the EOS of a turn (the tiny template writes "</s>\\n"): the
+response stops at its last EOS token; the template's tokens after it (the "\\n") are never generated
+(generation stops at EOS), so they are dropped and the log-prob of the EOS itself is the last one
+counted. `keep_after_eos=True` keeps them, which is what TRL does. A response without any EOS gets the
+tokenizer's appended; a trailing run of EOS tokens is cut after its first, where generation stops. A
+response cut by `max_length` ends where it is cut, without EOS.
 
 Truncation: the prompt keeps its END (left-truncated to `max_prompt_length`, keeping a leading BOS);
 each response keeps its START so that prompt + response <= `max_length`. A record whose prompt alone
@@ -143,8 +146,12 @@ def tokenize_records(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     keep_after_eos: bool = False,
+    stop_token_ids: Sequence[int] = (),
 ) -> tuple[list[TokenizedPair], TruncationReport]:
     """Tokenize records into pairs (see the module docstring for the conventions) and truncate them.
+
+    `stop_token_ids`: the ids the model stops generating on besides the tokenizer's EOS
+    (`nashalign.sampling.stop_token_ids` reads them from a model's generation config).
 
     Raises NashalignError listing every record that cannot be tokenized (conversational record without
     a chat template, template whose prompt is not a prefix of the conversation, empty prompt ids).
@@ -152,13 +159,16 @@ def tokenize_records(
     _check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
         raise NashalignError("the tokenizer has no eos_token; responses must end with one")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_token_ids):
+        raise NashalignError(f"stop_token_ids must be token ids (integers), got {list(stop_token_ids)!r}")
+    stops = frozenset(stop_token_ids) | {tokenizer.eos_token_id}
     pairs: list[TokenizedPair] = []
     problems: list[Problem] = []
     report = TruncationReport()
     for record in records:
         report.total += 1
         try:
-            prompt_ids, chosen_ids, rejected_ids, merged, split = _tokenize_record(record, tokenizer, keep_after_eos)
+            prompt_ids, chosen_ids, rejected_ids, merged, split = _tokenize_record(record, tokenizer, keep_after_eos, stops)
         except RecordError as error:
             problems.append(Problem(record.source, error.field, str(error)))
             continue
@@ -206,7 +216,7 @@ def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> Non
         )
 
 
-def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: bool):
+def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: bool, stops: frozenset[int]):
     """(prompt ids, chosen ids, rejected ids, boundary merged: 0/1, tokenized separately: 0/1)."""
     eos_id = tokenizer.eos_token_id
     merged = split = 0
@@ -214,7 +224,7 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
         prompt_ids, response_ids, separately = conversation_ids(
             tokenizer, record.prompt, {key: getattr(record, key) for key in ("chosen", "rejected")}
         )
-        responses = [_end_with_one_eos(ids, eos_id, keep_after_eos) for ids in response_ids]
+        responses = [_end_with_one_eos(ids, stops, eos_id, keep_after_eos) for ids in response_ids]
         split = int(separately)
     else:
         eos_text = tokenizer.eos_token
@@ -226,7 +236,7 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
         prompt_len = min(_common_prefix_length(prompt_ids, ids) for ids in full)
         merged = int(prompt_len < len(prompt_ids))
         prompt_ids = prompt_ids[:prompt_len]
-        responses = [_end_with_one_eos(ids[prompt_len:], eos_id, keep_after_eos) for ids in full]
+        responses = [_end_with_one_eos(ids[prompt_len:], stops, eos_id, keep_after_eos) for ids in full]
     if not prompt_ids:
         raise RecordError("prompt", "tokenizes to no tokens, so the first response token has no context")
     return prompt_ids, responses[0], responses[1], merged, split
@@ -251,13 +261,14 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return length
 
 
-def _end_with_one_eos(ids: list[int], eos_id: int, keep_after_eos: bool) -> list[int]:
-    """`ids` cut after its last EOS (unless `keep_after_eos`), with EOS appended if there is none."""
-    if eos_id not in ids:
+def _end_with_one_eos(ids: list[int], stops: frozenset[int], eos_id: int, keep_after_eos: bool) -> list[int]:
+    """`ids` cut after its last stop token (unless `keep_after_eos`), a trailing run of stop tokens cut
+    after its first, with `eos_id` appended if there is no stop token."""
+    positions = [i for i, token in enumerate(ids) if token in stops]
+    if not positions:
         return ids + [eos_id]
-    last = len(ids) - 1 - ids[::-1].index(eos_id)
-    head, tail = ids[: last + 1], ids[last + 1 :]
-    while len(head) >= 2 and head[-2] == eos_id:
+    head, tail = ids[: positions[-1] + 1], ids[positions[-1] + 1 :]
+    while len(head) >= 2 and head[-2] in stops:
         head = head[:-1]
     return head + tail if keep_after_eos else head
 

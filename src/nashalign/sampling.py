@@ -132,6 +132,12 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def stop_token_ids(model_path, tokenizer) -> list[int]:
+    """The EOS ids generation from the checkpoint at `model_path` (a directory or a hub name) stops
+    on: its generation config's `eos_token_id` (one id or a list), then the tokenizer's EOS."""
+    return _eos_token_ids(SimpleNamespace(generation_config=_generation_config(model_path)), tokenizer)
+
+
 def _finish(
     new_ids: Sequence[int], eos_ids: Sequence[int], max_new_tokens: int, tokenizer
 ) -> tuple[str, list[int], FinishReason, int | None]:
@@ -394,9 +400,7 @@ class VLLMSampler:
             seed=self.seed,
             **self.llm_kwargs,
         )
-        self.eos_ids = _eos_token_ids(
-            SimpleNamespace(generation_config=_generation_config(model_path)), self.tokenizer
-        )
+        self.eos_ids = stop_token_ids(model_path, self.tokenizer)
 
     def _stop_token(self, completion) -> int:
         """The stop token of a completion that vLLM reports stopped without returning the token:

@@ -195,15 +195,25 @@ def train(config: TrainConfig, *, resume: str = "auto", callback: StepCallback |
     if config.data.train_file is None:
         raise NashalignError("data.train_file: required to train from a config (set it or use --set)")
     tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path, config.model)
-    records = load_records(config.data.train_file)
-    pairs, report = tokenize_records(
-        records, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
-    )
-    if not pairs:
-        raise NashalignError(f"{config.data.train_file}: no pair fits data.max_length={config.data.max_length}")
+    pairs, report = training_pairs(config, tokenizer)
     result = train_pairs(config.model.name_or_path, pairs, config, tokenizer=tokenizer, resume=resume, callback=callback)
     result.tokenization = report
     return result
+
+
+def training_pairs(config: TrainConfig, tokenizer) -> tuple[list[TokenizedPair], TruncationReport]:
+    """The tokenized pairs of `data.train_file`; responses end with an EOS id the policy stops on
+    (its generation config's, else the tokenizer's)."""
+    from nashalign.sampling import stop_token_ids
+
+    records = load_records(config.data.train_file)
+    pairs, report = tokenize_records(
+        records, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+        stop_token_ids=stop_token_ids(config.model.name_or_path, tokenizer),
+    )
+    if not pairs:
+        raise NashalignError(f"{config.data.train_file}: no pair fits data.max_length={config.data.max_length}")
+    return pairs, report
 
 
 def train_pairs(
