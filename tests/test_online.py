@@ -110,9 +110,10 @@ def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, tiny_
 def test_pairs_are_scored_on_the_eos_id_that_stopped_each_sample(tmp_path, two_eos_model_dir):
     """A Llama-3-style model stops on the second id of its generation config's EOS list ("<|eot|>",
     not the tokenizer's "</s>"): the generations record it, and the pairs built from them are scored
-    (and trained, from the same token ids) on sequences that end with it. Checked by hand: a pair's
-    logps.safetensors entry under π_0 equals the summed log-probs of the response tokens followed by
-    the recorded stop token, computed directly with the model."""
+    and trained on sequences that end with it. Checked by hand: a pair's logps.safetensors entry under
+    π_0 equals the summed log-probs of the response tokens followed by the recorded stop token,
+    computed directly with the model, and the training phase's data fingerprint is that of the pairs
+    built by hand the same way."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mapping = _config(tmp_path, two_eos_model_dir, prompts=4, iterations=1, sampling__max_new_tokens=6)
@@ -145,6 +146,25 @@ def test_pairs_are_scored_on_the_eos_id_that_stopped_each_sample(tmp_path, two_e
             assert eos not in response
             checked += 1
     assert checked > 0
+
+    # Trained on the same sequences: the training phase's data fingerprint is that of the pairs built
+    # here by hand from the generations, each stopped response followed by "<|eot|>".
+    from nashalign.checkpoint import latest_checkpoint, load_trainer_state
+    from nashalign.data import TokenizedPair
+    from nashalign.train import _data_fingerprint
+
+    def response_ids(sample):
+        return sample["token_ids"] + ([eot] if sample["finish_reason"] == "stop" else [])
+
+    by_hand = []
+    for pair in pairs:
+        rendered = tokenizer.apply_chat_template(prompts[pair["prompt_index"]], tokenize=False,
+                                                 add_generation_prompt=True)
+        chosen, rejected = (groups[(pair["prompt_index"], pair[f"{side}_index"])] for side in ("chosen", "rejected"))
+        by_hand.append(TokenizedPair(tokenizer(rendered, add_special_tokens=False)["input_ids"], response_ids(chosen),
+                                     response_ids(rejected), ""))
+    state = load_trainer_state(latest_checkpoint(it / "train" / "checkpoints"))
+    assert state["data"] == _data_fingerprint(by_hand)
 
 
 # --------------------------------------------------------------------------- crash safety
