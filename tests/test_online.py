@@ -7,6 +7,8 @@ an uninterrupted run with the same seed (bit-for-bit on CPU with one thread).
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import signal
 import subprocess
@@ -258,3 +260,95 @@ def test_killed_run_resumes_to_the_same_weights(stage, tmp_path, tiny_model_dir,
     # No artifact is duplicated or lost: the same files with the same number of rows.
     assert _artifact_rows(run_dir) == _artifact_rows(uninterrupted)
     assert not list(run_dir.rglob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------- the plan against a real run
+
+
+def _texts(path: Path) -> dict[tuple[int, int], str]:
+    return {(row["prompt_index"], row["sample_index"]): row["text"] for row in read_jsonl(path)}
+
+
+def test_dry_run_counts_equal_the_uninterrupted_run(uninterrupted, capsys):
+    """`online --dry-run` on the run's config predicts, per iteration, the samples and comparisons
+    exactly (all_pairs, K = 4: 6 per prompt; the win rate: N·K), and bounds the new tokens and judge
+    calls; the judge calls are exactly 2 (both orders) per comparison of two different texts."""
+    from nashalign.cli import main
+    from nashalign.config import load_config
+    from nashalign.online_plan import plan_online
+
+    config_file = uninterrupted / "config.yaml"
+    plan = plan_online(load_config(OnlineConfig, config_file))
+    assert main(["online", "--config", str(config_file), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(plan))
+    tokens = 0
+    for t, it in enumerate(plan["iterations"]):
+        generations = read_jsonl(uninterrupted / f"iter_{t}" / "generations.jsonl")
+        following = uninterrupted / f"iter_{t + 1}" / "generations.jsonl"
+        assert it["prompts"] == 8 and it["sample"]["samples"] == len(generations) == 32
+        assert it["summary"]["samples"] == (0 if t == 0 else len(read_jsonl(following)))  # iteration 1 reuses
+        tokens += sum(len(row["token_ids"]) for row in generations)
+        stats, summary = read_json(uninterrupted / f"iter_{t}" / "pair_stats.json"), read_json(
+            uninterrupted / f"iter_{t}" / "summary.json")
+        assert stats["comparisons"] == it["judge"]["comparisons"] == it["judge"]["comparisons_max"] == 8 * 6
+        assert summary["comparisons"] == it["judge"]["comparisons"] + it["summary"]["comparisons"] == 48 + 32
+        assert summary["win_rate_comparisons"] == it["summary"]["comparisons"]
+        texts, next_texts = _texts(uninterrupted / f"iter_{t}" / "generations.jsonl"), _texts(following)
+        differing = sum(texts[j["prompt_index"], j["first_index"]] != texts[j["prompt_index"], j["second_index"]]
+                        for j in read_jsonl(uninterrupted / f"iter_{t}" / "judgments.jsonl"))
+        differing_next = sum(texts[key] != next_texts[key] for key in texts)
+        assert stats["judge_calls"] == 2 * differing <= it["judge"]["judge_calls_max"] == 2 * 48
+        assert summary["judge_calls"] == 2 * (differing + differing_next)
+        assert summary["judge_calls"] <= it["judge"]["judge_calls_max"] + it["summary"]["judge_calls_max"]
+    tokens += sum(len(row["token_ids"]) for row in read_jsonl(uninterrupted / "iter_2" / "generations.jsonl"))
+    assert 0 < tokens <= plan["total"]["new_tokens_max"] == (32 + 32 + 32) * 12
+    assert plan["total"]["samples"] == 96
+
+
+# --------------------------------------------------------------------------- extending a finished run
+
+
+@pytest.mark.parametrize("per_iteration_files", [False, True])
+def test_a_finished_run_is_extended_and_other_changes_are_refused(per_iteration_files, tmp_path, tiny_model_dir):
+    """A one-iteration run, rerun with run.iterations = 2, continues with iteration 1 only: iteration
+    0 is neither judged nor trained again. With one prompts file, π_1's samples that served iteration
+    0's win rate are iteration 1's; with prompts.files, iteration 1 answers the appended file (3
+    prompts), so those samples (2 prompts) are replaced. A changed key is refused by name."""
+    from nashalign import NashalignError
+
+    mapping = _config(tmp_path, tiny_model_dir, iterations=1, prompts=2)
+    if per_iteration_files:
+        second = tmp_path / "second.jsonl"
+        write_jsonl(second, ({"prompt": f"Second {i}: good or bad?"} for i in range(3)))
+        mapping["prompts"] = {"files": [mapping["prompts"]["file"]]}
+    oracle = GameOracle(ANSWERS, GAME_P, invalid="worst")
+    first = run_online(from_mapping(OnlineConfig, mapping), oracle=oracle, progress=False)
+    sampled = (first.run_dir / "iter_1" / "generations.jsonl").read_bytes()
+    calls = oracle.counts.judge_calls
+
+    longer = copy.deepcopy(mapping)
+    longer["run"]["iterations"] = 2
+    if per_iteration_files:
+        longer["prompts"]["files"].append(str(second))
+    for key, value, message in (("loss", {"eta": 0.7}, r"different config \(loss\.eta: was 0\.5, now 0\.7\)"),
+                                ("run", {"iterations": 2, "seed": 4}, r"\(run\.seed: was 3, now 4\)")):
+        changed = copy.deepcopy(longer)
+        changed[key].update(value)
+        with pytest.raises(NashalignError, match=message):
+            run_online(from_mapping(OnlineConfig, changed), oracle=oracle, progress=False)
+    assert oracle.counts.judge_calls == calls
+
+    extended = run_online(from_mapping(OnlineConfig, longer), oracle=oracle, progress=False)
+    assert [row["iteration"] for row in extended.summaries] == [0, 1]
+    assert extended.summaries[0] == first.summaries[0]
+    assert extended.final_model == first.run_dir / "iter_1" / "train" / "final"
+    assert (extended.final_model / "model.safetensors").exists()
+    assert oracle.counts.judge_calls - calls == extended.summaries[1]["judge_calls"]  # iteration 0: nothing again
+    iteration_1 = first.run_dir / "iter_1" / "generations.jsonl"
+    if per_iteration_files:
+        assert len({row["prompt_index"] for row in read_jsonl(iteration_1)}) == 3
+    else:
+        assert iteration_1.read_bytes() == sampled
+    assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["run"]["iterations"] == 2
+    with pytest.raises(NashalignError, match=r"run\.iterations: was 2, now 1; a run can be extended, not shortened"):
+        run_online(from_mapping(OnlineConfig, mapping), oracle=oracle, progress=False)

@@ -69,6 +69,7 @@ __all__ = [
     "read_records",
     "split_implicit_prompt",
     "tokenize_records",
+    "truncate_pairs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,21 @@ def _truncate(
             report.truncated_rejected += 1
             rejected_ids = rejected_ids[:room]
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.source, pair.extra)
+
+
+def truncate_pairs(
+    pairs: Iterable[TokenizedPair], *, max_length: int | None, max_prompt_length: int | None, bos_id: int | None
+) -> tuple[list[TokenizedPair], TruncationReport]:
+    """Fit pairs that are already token ids (the online loop's samples) to the limits exactly as
+    `tokenize_records` fits records; the report counts what was cut or dropped."""
+    _check_lengths(max_length, max_prompt_length)
+    report, kept = TruncationReport(), []
+    for pair in pairs:
+        report.total += 1
+        fitted = _truncate(pair, max_length, max_prompt_length, bos_id, report)
+        if fitted is not None:
+            kept.append(fitted)
+    return kept, report
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -159,6 +159,10 @@ class Oracle:
     def _prob(self, prompts: list[str], first: list[str], second: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Free the memory of models held for judging (they load again on the next call); the online
+        loop calls this when a judging stage ends. Nothing to free for most oracles."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

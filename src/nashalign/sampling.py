@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from nashalign import NashalignError
+from nashalign.models import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +133,10 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def stop_token_ids(model_path, tokenizer) -> list[int]:
-    """The EOS ids generation from the checkpoint at `model_path` (a directory or a hub name) stops
-    on: its generation config's `eos_token_id` (one id or a list), then the tokenizer's EOS."""
-    return _eos_token_ids(SimpleNamespace(generation_config=_generation_config(model_path)), tokenizer)
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The EOS ids generation from `model` (a ModelSpec, a directory or a hub name) stops on: its
+    generation config's `eos_token_id` (one id or a list), then the tokenizer's EOS."""
+    return _eos_token_ids(SimpleNamespace(generation_config=_generation_config(model)), tokenizer)
 
 
 def _finish(
@@ -223,7 +224,7 @@ class TransformersSampler:
     def update_weights(self, model) -> None:
         """Sample from `model` from now on: a `PreTrainedModel`, or a checkpoint directory to load
         onto the current model's device. The online loop calls this with π_{t+1} each iteration."""
-        if isinstance(model, (str, Path)):
+        if isinstance(model, (str, Path, ModelSpec)):
             model = _load_causal_lm(model).to(self.model.device)
         self.model = model
 
@@ -303,22 +304,18 @@ class TransformersSampler:
         return output[:, prompt_length:].tolist()
 
 
-def _load_causal_lm(path):
-    from transformers import AutoModelForCausalLM
+def _load_causal_lm(model):
+    """A checkpoint directory, hub id or ModelSpec through the one loader (the checkpoint's dtype
+    unless the spec sets one)."""
+    from nashalign.models import as_spec, load_causal_lm
 
-    path = Path(path)
-    if not path.is_dir():
-        raise NashalignError(f"sampling: checkpoint directory {path} does not exist")
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    return load_causal_lm(as_spec(model, dtype="auto"), where="sampling")
 
 
-def _generation_config(path):
-    from transformers import GenerationConfig
+def _generation_config(model):
+    from nashalign.models import load_generation_config
 
-    try:
-        return GenerationConfig.from_pretrained(path)
-    except OSError:  # no generation_config.json: the tokenizer's EOS is used
-        return None
+    return load_generation_config(model)
 
 
 def vllm_available() -> tuple[bool, str]:
@@ -383,24 +380,25 @@ class VLLMSampler:
         self._load(model_path)
 
     def _load(self, model_path) -> None:
-        from transformers import AutoTokenizer
         from vllm import LLM
 
-        model_path = Path(model_path)
-        if not model_path.is_dir():
-            raise NashalignError(
-                f"sampling: the vLLM backend needs a checkpoint directory; {model_path} is none"
-            )
-        tokenizer_path = Path(self.tokenizer_path or model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        from nashalign.models import as_spec, load_tokenizer
+
+        spec = as_spec(model_path)
+        tokenizer_spec = spec.replace(name_or_path=str(self.tokenizer_path)) if self.tokenizer_path else spec
+        self.tokenizer = load_tokenizer(tokenizer_spec, where="sampling", pad_fallback=False)
+        options = {"revision": spec.revision} if spec.revision else {}
+        if spec.dtype != "auto":
+            options["dtype"] = spec.dtype
         self.llm = LLM(
-            model=str(model_path),
-            tokenizer=str(tokenizer_path),
+            model=spec.name_or_path,
+            tokenizer=tokenizer_spec.name_or_path,
             tensor_parallel_size=self.tensor_parallel_size,
             seed=self.seed,
-            **self.llm_kwargs,
+            trust_remote_code=spec.trust_remote_code,
+            **{**options, **self.llm_kwargs},
         )
-        self.eos_ids = stop_token_ids(model_path, self.tokenizer)
+        self.eos_ids = stop_token_ids(spec, self.tokenizer)
 
     def _stop_token(self, completion) -> int:
         """The stop token of a completion that vLLM reports stopped without returning the token:
@@ -426,7 +424,7 @@ class VLLMSampler:
     def update_weights(self, model) -> None:
         """Reload the engine from the checkpoint directory `model` (a path; a live module cannot be
         handed to a vLLM engine, so save it with `save_pretrained` first)."""
-        if not isinstance(model, (str, Path)):
+        if not isinstance(model, (str, Path, ModelSpec)):
             raise NashalignError(
                 "sampling: the vLLM backend loads weights from a checkpoint directory; pass its path"
             )
@@ -506,7 +504,7 @@ def make_sampler(
     """
     if backend not in ("transformers", "vllm", "auto"):
         raise NashalignError(f"sampling: backend must be 'transformers', 'vllm' or 'auto', got {backend!r}")
-    is_path = isinstance(model, (str, Path))
+    is_path = isinstance(model, (str, Path, ModelSpec))
     if backend == "vllm" and not is_path:
         raise NashalignError(
             "sampling: the vLLM backend loads weights from a checkpoint directory; pass its path"
@@ -532,10 +530,12 @@ def make_sampler(
         if backend == "vllm":
             logger.warning("vLLM is unavailable (%s); sampling with transformers instead", reason)
     if is_path:
-        from transformers import AutoTokenizer
+        from nashalign.models import as_spec, load_tokenizer
 
-        if tokenizer is None or isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        if tokenizer is None or isinstance(tokenizer, (str, Path, ModelSpec)):
+            spec = as_spec(model)
+            tokenizer = load_tokenizer(spec.replace(name_or_path=str(tokenizer)) if tokenizer else spec,
+                                       where="sampling", pad_fallback=False)
         model = _load_causal_lm(model)
     if tokenizer is None:
         raise NashalignError("sampling: the transformers backend needs the model's tokenizer")

@@ -209,7 +209,7 @@ def training_pairs(config: TrainConfig, tokenizer) -> tuple[list[TokenizedPair],
     records = load_records(config.data.train_file)
     pairs, report = tokenize_records(
         records, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
-        stop_token_ids=stop_token_ids(config.model.name_or_path, tokenizer),
+        stop_token_ids=stop_token_ids(config.model.spec(), tokenizer),
     )
     if not pairs:
         raise NashalignError(f"{config.data.train_file}: no pair fits data.max_length={config.data.max_length}")
