@@ -133,7 +133,7 @@ def _win_rate(args) -> dict:
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
     samples = _sample(policy, tokenizer, rendered, args)
     policy_texts = [g.text for g in samples]
-    policy_ids = [g.token_ids + ([tokenizer.eos_token_id] if g.finish_reason == "stop" else []) for g in samples]
+    policy_ids = [g.response_ids for g in samples]
     baseline_path = Path(args.baseline)
     if baseline_path.is_file():
         baseline_texts = _baseline_file(baseline_path, len(prompts))
