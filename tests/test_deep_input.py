@@ -241,3 +241,17 @@ def test_config_yaml_too_deep_for_the_parser_is_one_error(tmp_path):
         load_config(TrainConfig, path)
     with pytest.raises(NashalignError, match=r"^--set loss.beta=\[+x\]+: invalid YAML: lists/objects nested too"):
         load_config(TrainConfig, None, [f"loss.beta={nested_text(3000, 'x')}"])
+
+
+def test_eval_oracle_yaml_too_deep_is_one_line(tmp_path, capsys):
+    """`nashalign eval winrate --oracle deep.yaml`: the oracle file is read first; a 3000-level value
+    is one line on stderr naming the file, exit status 2."""
+    from nashalign import cli
+
+    oracle = tmp_path / "oracle.yaml"
+    oracle.write_text(f"type: {nested_text(3000, 'x')}\n")
+    status = cli.main(["eval", "winrate", "--policy", "p", "--baseline", "b", "--prompts", "q.jsonl",
+                       "--oracle", str(oracle)])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip() == f"nashalign eval: error: {oracle}: cannot read the oracle config: {RECURSION}"
