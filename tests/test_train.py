@@ -525,3 +525,25 @@ def test_cli_end_to_end_on_the_tiny_config(model_dirs, tmp_path, capsys):
     assert "bad.yaml:19: loss.beta: expected a float > 0, got -0.1" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(bad), "--set", "loss.beta=0.1", "--set", "optim.lr=0"]) == 2
     assert "--set optim.lr=0: optim.lr: expected a float > 0, got 0" in capsys.readouterr().err
+
+
+def test_accelerate_private_state_reset_exists():
+    """accelerate has no public way to drop its process-wide state so that a second phase in the same
+    process may use another mixed precision; nashalign.train calls `AcceleratorState._reset_state`.
+    If a release drops it, this fails by name (rather than the second phase failing obscurely)."""
+    from accelerate.state import AcceleratorState
+
+    assert callable(getattr(AcceleratorState, "_reset_state", None)), (
+        "accelerate no longer has AcceleratorState._reset_state, which nashalign.train._make_accelerator calls"
+    )
+
+
+def test_phases_with_different_precision_run_in_one_process(model_dirs, tokenizer, tmp_path):
+    """A bf16 phase then a float32 phase in one process (as the online loop or a notebook would):
+    the second Accelerator gets its own precision instead of accelerate refusing the change."""
+    pairs = make_pairs(tokenizer, 2, seed=3)
+    for precision in ("bf16", "no"):
+        config = make_config(model_dirs, tmp_path / precision, model={"mixed_precision": precision},
+                             optim={"per_device_batch_size": 2, "max_steps": 1})
+        train_pairs(str(model_dirs["policy"]), pairs, config, tmp_path / precision, tokenizer=tokenizer)
+        assert train_module._make_accelerator(config, tmp_path / precision).mixed_precision == precision

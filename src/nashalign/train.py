@@ -150,11 +150,13 @@ def _trackers(report_to: str) -> list[str]:
 
 def _make_accelerator(config: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
 
-    # A library function may run several phases in one process (the online loop) with different
-    # precision; accelerate keeps one process-wide state, so reset it (the process group is kept).
-    if AcceleratorState._shared_state:
+    # A library function may run several phases in one process (the online loop, a test session) with
+    # different precision; accelerate keeps one process-wide state and refuses a second Accelerator
+    # with another mixed_precision. It has no public reset: `_reset_state` (the process group is
+    # kept) is what its own test utilities call. tests/test_train.py fails, naming it, if it goes.
+    if is_initialized():
         AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=config.model.mixed_precision,
@@ -478,17 +480,18 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
 def _accumulating(accelerator, model, last: bool):
     """Gradients are synchronized on the last micro-batch of a step only: DDP and FSDP skip their
     reduction (no_sync) before it, and DeepSpeed, whose backward also steps, is told through
-    accelerate's sync flag that it is not at an accumulation boundary. (accelerator.accumulate sets
-    that flag from a fixed micro-batch count, which a smaller last batch does not have.)"""
+    accelerate's public `Accelerator.sync_gradients` flag that it is not at an accumulation boundary.
+    (accelerator.accumulate sets that flag from a fixed micro-batch count, which a smaller last batch
+    does not have.)"""
     if last:
         yield
         return
-    accelerator.gradient_state._set_sync_gradients(False)
+    accelerator.sync_gradients = False
     try:
         with accelerator.no_sync(model):
             yield
     finally:
-        accelerator.gradient_state._set_sync_gradients(True)
+        accelerator.sync_gradients = True
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
