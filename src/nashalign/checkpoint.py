@@ -15,6 +15,10 @@ It is written into a hidden temporary sibling (`.tmp-step_...`), every file fsyn
 marker written, the directory renamed into place and the parent fsynced. A crash at any moment leaves
 either no `step_*` directory or a whole one; `latest_checkpoint` also skips any `step_*` without the
 marker. Nothing is unpickled on load: tensors come from safetensors, everything else from JSON.
+
+`staging_directory` + `publish` are the two halves of `atomic_directory`, for a directory that
+several processes fill together (DeepSpeed's partitions; see nashalign.engine_checkpoint, which also
+says what the optimizer files hold under each engine).
 """
 
 from __future__ import annotations
