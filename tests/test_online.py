@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -80,7 +81,14 @@ def test_two_inpo_iterations_against_the_game_oracle(tmp_path, tiny_model_dir):
         assert (it / "train" / "final" / "model.safetensors").exists()
         summary = read_json(it / "summary.json")
         assert summary["iteration"] == t and summary["pairs_kept"] == len(pairs) and summary["prompts"] == 4
-        assert 0.0 <= summary["win_rate_next_vs_current"] <= 1.0
+        # π_{t+1}'s sample j of each prompt against π_t's sample j, judged afresh from the artifacts
+        following = read_jsonl(run_dir / f"iter_{t + 1}" / "generations.jsonl")
+        judge = GameOracle(ANSWERS, GAME_P, invalid="worst")
+        probs = judge.prob([str(g["prompt_index"]) for g in generations], [g["text"] for g in following],
+                           [g["text"] for g in generations])
+        assert [(g["prompt_index"], g["sample_index"]) for g in following] == \
+            [(g["prompt_index"], g["sample_index"]) for g in generations]
+        assert summary["win_rate_next_vs_current"] == pytest.approx(float(np.mean(probs)), abs=1e-12)
         assert summary["judge_calls"] > 0
     assert len(read_jsonl(run_dir / "iter_2" / "generations.jsonl")) == 16
     assert result.final_model == run_dir / "iter_1" / "train" / "final"
@@ -89,11 +97,46 @@ def test_two_inpo_iterations_against_the_game_oracle(tmp_path, tiny_model_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert [row["iteration"] for row in result.summaries] == [0, 1]
 
+    _check_scoring_roles(config, run_dir, tiny_model_dir)
+
     # A second call finds every artifact complete and recomputes nothing: the oracle is not asked again.
     calls = oracle.counts.judge_calls
     again = run_online(config, oracle=oracle)
     assert oracle.counts.judge_calls == calls
     assert again.summaries == result.summaries
+
+
+def _check_scoring_roles(config, run_dir: Path, initial: Path) -> None:
+    """π_ref stays π_0 and π_t is iteration t−1's trained weights: the log-probs each iteration
+    trained with (logps.safetensors) equal those of its pairs scored afresh under the model loaded
+    from π_0 (ref, every t) and from iter_{t-1}/train/final (prev, t ≥ 1; π_0 at t = 0); at t = 1
+    the two roles differ (the check tells them apart)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nashalign.data import collate_pairs
+    from nashalign.logprobs import pair_logps
+    from nashalign.online import tokenized_pairs
+    from nashalign.prompts import prompt_set
+
+    tokenizer = AutoTokenizer.from_pretrained(initial)
+    for t in range(config.run.iterations):
+        it = run_dir / f"iter_{t}"
+        rows = read_jsonl(it / "generations.jsonl")
+        groups = [sorted((r for r in rows if r["prompt_index"] == p), key=lambda r: r["sample_index"])
+                  for p in range(1 + max(r["prompt_index"] for r in rows))]
+        pairs = tokenized_pairs(read_jsonl(it / "pairs.jsonl"), groups, prompt_set(config.prompts, t, tokenizer).ids,
+                                tokenizer.eos_token_id)
+        saved = load_file(it / "logps.safetensors")
+        previous = initial if t == 0 else run_dir / f"iter_{t - 1}" / "train" / "final"
+        for role, source in (("ref", initial), ("prev", previous)):
+            model = AutoModelForCausalLM.from_pretrained(source).eval()
+            with torch.no_grad():
+                fresh = pair_logps(model, collate_pairs(pairs, tokenizer.pad_token_id))
+            for side in ("chosen", "rejected"):
+                torch.testing.assert_close(saved[f"{role}_{side}"], fresh[f"{side}_logps"], rtol=0, atol=1e-4,
+                                           msg=f"iter_{t} {role}_{side}")
+        if t >= 1:
+            assert float((saved["ref_chosen"] - saved["prev_chosen"]).abs().max()) > 1e-2
 
 
 def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, tiny_model_dir):
