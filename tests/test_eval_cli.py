@@ -27,7 +27,7 @@ def test_win_rate_of_a_model_against_itself(tmp_path, tiny_model_dir, prompts_fi
     for: the responses are the same), and KL(π‖π_ref) is exactly 0."""
     monkeypatch.syspath_prepend(str(PLUGINS))
     oracle = tmp_path / "oracle.yaml"
-    oracle.write_text("oracle:\n  type: python\n  function: slow_judge:prefer_vowels\n")
+    oracle.write_text("oracle:\n  type: python\n  function: vowel_judge:prefer_vowels\n")
     out = tmp_path / "result.json"
     status = main(["eval", "winrate", "--policy", str(tiny_model_dir), "--baseline", str(tiny_model_dir),
                    "--prompts", str(prompts_file), "--oracle", str(oracle), "--max-new-tokens", "6",
@@ -45,7 +45,7 @@ def test_win_rate_of_a_model_against_itself(tmp_path, tiny_model_dir, prompts_fi
 def test_baseline_responses_file_must_have_one_response_per_prompt(tmp_path, tiny_model_dir, prompts_file, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(PLUGINS))
     oracle = tmp_path / "oracle.yaml"
-    oracle.write_text("type: python\nfunction: slow_judge:prefer_vowels\n")
+    oracle.write_text("type: python\nfunction: vowel_judge:prefer_vowels\n")
     baseline = tmp_path / "baseline.jsonl"
     write_jsonl(baseline, [{"response": "hello"}] * 5)
     status = main(["eval", "winrate", "--policy", str(tiny_model_dir), "--baseline", str(baseline),

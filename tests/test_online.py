@@ -8,10 +8,8 @@ an uninterrupted run with the same seed (bit-for-bit on CPU with one thread).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +154,7 @@ def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, tiny_
 def _cli_config(tmp_path: Path, model_dir: Path, name: str) -> Path:
     mapping = _config(
         tmp_path, model_dir, prompts=8, iterations=2,
-        oracle={"type": "python", "function": "slow_judge:prefer_vowels"},
+        oracle={"type": "python", "function": "vowel_judge:prefer_vowels"},
         sampling__max_new_tokens=12, sampling__batch_size=4,
     )
     mapping["run"]["name"] = name
@@ -178,22 +176,6 @@ def _run(config: Path, env) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-def _kill_when(config: Path, env, ready, timeout: float = 300) -> None:
-    """Start the loop, SIGKILL it as soon as `ready()` is true, and make sure it died by the kill."""
-    process = subprocess.Popen([sys.executable, "-m", "nashalign.cli", "online", "--config", str(config)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            assert process.poll() is None, "the loop finished before the kill point was reached"
-            assert time.monotonic() < deadline, "kill point not reached in time"
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-
-
 def _final_weights(run_dir: Path):
     return load_file(run_dir / "iter_1" / "train" / "final" / "model.safetensors")
 
@@ -212,24 +194,24 @@ def _artifact_rows(run_dir: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("stage", ["sampling", "judging", "training"])
-def test_killed_run_resumes_to_the_same_weights(stage, tmp_path, tiny_model_dir, uninterrupted):
+def test_killed_run_resumes_to_the_same_weights(stage, tmp_path, tiny_model_dir, uninterrupted, kill_at_pause):
+    """The loop is SIGKILLed at a fixed point of each stage (it pauses there, see
+    tests/plugins/pause_point.py): iteration 1 about to sample; the first judge call of iteration
+    0; iteration 0's training with its first checkpoint complete. The rerun ends with the
+    uninterrupted run's weights, bit for bit, and the same artifacts."""
     config = _cli_config(tmp_path, tiny_model_dir, "crash")
     run_dir = tmp_path / "runs" / "crash"
-    marker = tmp_path / "judging-started"
-    env = _env(tmp_path)
-    if stage == "sampling":  # iteration 1 starts sampling π_1 right after creating its directory
-        ready = lambda: (run_dir / "iter_1").exists()  # noqa: E731
-    elif stage == "judging":
-        env = _env(tmp_path, NASHALIGN_TEST_JUDGE_MARKER=str(marker), NASHALIGN_TEST_JUDGE_DELAY="0.3")
-        ready = marker.exists
-    else:  # a checkpoint of iteration 0's training exists, the phase has not finished
-        ready = lambda: any((run_dir / "iter_0" / "train" / "checkpoints").glob("step_*/COMPLETE"))  # noqa: E731
-    _kill_when(config, env, ready)
+    point = {"sampling": "sampling", "judging": "judging", "training": "checkpoint"}[stage]
+    kill_at_pause(point, ["online", "--config", str(config)], _env(tmp_path))
     if stage == "sampling":
+        assert (run_dir / "iter_0" / "train" / "final").exists()
         assert not (run_dir / "iter_1" / "generations.jsonl").exists()
     elif stage == "judging":
+        assert (run_dir / "iter_0" / "generations.jsonl").exists()
         assert not (run_dir / "iter_0" / "pairs.jsonl").exists()
     else:
+        checkpoints = sorted(p.name for p in (run_dir / "iter_0" / "train" / "checkpoints").glob("step_*/COMPLETE"))
+        assert len(checkpoints) == 1
         assert not (run_dir / "iter_0" / "train" / "final").exists()
 
     resumed = _run(config, _env(tmp_path))
