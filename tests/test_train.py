@@ -235,15 +235,12 @@ def test_run_killed_before_its_first_checkpoint_starts_over_with_clean_metrics(m
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
 
 
-def test_cli_run_killed_with_sigkill_resumes_exactly(model_dirs, tmp_path):
-    """A real `nashalign train` process, checkpointing every step, is SIGKILLed as soon as its first
-    complete checkpoint appears (possibly in the middle of writing the next one); `--resume auto`
-    finishes it, and parameters and per-step metrics equal an uninterrupted run of the same config."""
+def test_cli_run_killed_with_sigkill_resumes_exactly(model_dirs, tmp_path, kill_at_pause):
+    """A real `nashalign train` process, checkpointing every step, is SIGKILLed in the middle of
+    writing its second checkpoint (model and optimizer written, no COMPLETE marker: it pauses there,
+    see tests/plugins/pause_point.py); `--resume auto` continues from the first, and parameters and
+    per-step metrics equal an uninterrupted run of the same config."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     def arguments(out):
         return ["train", "--config", str(ROOT / "configs" / "train-tiny.yaml"),
@@ -253,17 +250,12 @@ def test_cli_run_killed_with_sigkill_resumes_exactly(model_dirs, tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "nashalign.cli", *arguments(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while latest_checkpoint(killed / "checkpoints") is None and process.poll() is None:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    steps_before_resume = len(read_metrics(killed))
-    assert steps_before_resume < 24
+    kill_at_pause("mid-save", arguments(killed), env)
+    assert latest_checkpoint(killed / "checkpoints").name == checkpoint_name(1)
+    half = [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name.split("-")[1] for p in half] == [checkpoint_name(2)]
+    assert (half[0] / "optimizer.json").exists() and not (half[0] / "COMPLETE").exists()
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2]
 
     assert cli.main(arguments(killed)) == 0
     whole = tmp_path / "whole"
