@@ -7,8 +7,8 @@ engine is where the optimizer state lives and who may read or write it:
                        `optimizer.safetensors/.json` from its own state dict
     FSDP               each process holds a shard: torch.distributed.checkpoint's state-dict API
                        gathers the full state dict (keyed by parameter name) onto the main process,
-                       which writes it in the same safetensors + JSON form; on resume every process
-                       reads it and the same API hands each process its shard
+                       which writes it in the same safetensors + JSON form; on resume the main
+                       process reads it and the same API sends each process its shards
     DeepSpeed ZeRO     the engine writes its own partitioned state (`deepspeed/` in the checkpoint,
                        one file per process) with `save_checkpoint` and reads it with
                        `load_checkpoint`; all processes fill the one staging directory together
@@ -131,9 +131,11 @@ def load_training_checkpoint(accelerator, policy, optimizer, scheduler, path: Pa
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         checkpoint.require_complete(path)
+        # The main process alone reads the full state; each process receives only its shards.
+        full = checkpoint.load_state_dict(path, "optimizer") if accelerator.is_main_process else {}
         set_optimizer_state_dict(
-            policy, optimizer.optimizer, optim_state_dict=checkpoint.load_state_dict(path, "optimizer"),
-            options=StateDictOptions(full_state_dict=True),
+            policy, optimizer.optimizer, optim_state_dict=full,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
         )
     else:
         checkpoint.load_optimizer_state(path, optimizer.optimizer)
