@@ -80,3 +80,46 @@ def two_eos_model_dir(tmp_path_factory):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _kill_at_pause(point: str, arguments: list[str], env: dict[str, str], timeout: float = 600) -> None:
+    """Run `nashalign <arguments>` through tests/plugins/pause_point.py, wait until it reports that it
+    reached `point` (it then blocks there for good), SIGKILL it, and check that it died by the kill.
+    No polling: the wait is a blocking read on a pipe, which ends early (end-of-file) only if the
+    process exits without reaching the point. `timeout` only turns a hang into a failure."""
+    import select
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    plugins = Path(__file__).parent / "plugins"
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the process
+        try:
+            process = subprocess.Popen(
+                [sys.executable, str(plugins / "pause_point.py"), point, str(write_end), *arguments],
+                env=env, pass_fds=(write_end,), stdout=log, stderr=subprocess.STDOUT,
+            )
+            os.close(write_end)
+            write_end = -1
+            ready, _, _ = select.select([read_end], [], [], timeout)
+            message = os.read(read_end, 64) if ready else b""
+            process.kill()  # SIGKILL
+            process.wait()
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-3000:]
+    assert ready, f"pause point {point!r} not reached in {timeout} s:\n{tail}"
+    assert message == b"paused\n", f"exited ({process.returncode}) before pause point {point!r}:\n{tail}"
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.fixture()
+def kill_at_pause():
+    """`kill_at_pause(point, arguments, env)`: see _kill_at_pause."""
+    return _kill_at_pause

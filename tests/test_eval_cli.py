@@ -21,11 +21,13 @@ def prompts_file(tmp_path):
 
 
 def test_win_rate_of_a_model_against_itself(tmp_path, tiny_model_dir, prompts_file, monkeypatch, capsys):
-    """Policy = baseline = reference: KL(π‖π_ref) is exactly 0 (the same log-probs on every sample);
-    the win rate is an average of probabilities inside its bootstrap interval."""
+    """Policy = baseline = reference, sampled with the same seed: every prompt gets the same response
+    from both, so the oracle gives P = σ(0)/2 + 1/4 = 1/2 on each, the win rate and every bootstrap
+    resample are exactly 1/2 (as is the length-controlled rate: no length difference to control
+    for: the responses are the same), and KL(π‖π_ref) is exactly 0."""
     monkeypatch.syspath_prepend(str(PLUGINS))
     oracle = tmp_path / "oracle.yaml"
-    oracle.write_text("oracle:\n  type: python\n  function: slow_judge:prefer_vowels\n")
+    oracle.write_text("oracle:\n  type: python\n  function: vowel_judge:prefer_vowels\n")
     out = tmp_path / "result.json"
     status = main(["eval", "winrate", "--policy", str(tiny_model_dir), "--baseline", str(tiny_model_dir),
                    "--prompts", str(prompts_file), "--oracle", str(oracle), "--max-new-tokens", "6",
@@ -33,16 +35,17 @@ def test_win_rate_of_a_model_against_itself(tmp_path, tiny_model_dir, prompts_fi
     assert status == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
-    win = result["win_rate"]
-    assert result["prompts"] == 6 and 0 <= win["low"] <= win["estimate"] <= win["high"] <= 1
-    assert result["kl_to_ref"]["estimate"] == 0.0
-    assert result["policy_length"]["n"] == 6
+    assert result["prompts"] == 6
+    assert result["win_rate"] == {"estimate": 0.5, "low": 0.5, "high": 0.5, "confidence": 0.95}
+    assert result["length_controlled_win_rate"] == {"estimate": 0.5, "low": 0.5, "high": 0.5}
+    assert result["policy_length"]["n"] == result["baseline_length"]["n"] == 6
+    assert result["kl_to_ref"]["estimate"] == 0.0 and result["kl_to_ref"]["stderr"] == 0.0
 
 
 def test_baseline_responses_file_must_have_one_response_per_prompt(tmp_path, tiny_model_dir, prompts_file, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(PLUGINS))
     oracle = tmp_path / "oracle.yaml"
-    oracle.write_text("type: python\nfunction: slow_judge:prefer_vowels\n")
+    oracle.write_text("type: python\nfunction: vowel_judge:prefer_vowels\n")
     baseline = tmp_path / "baseline.jsonl"
     write_jsonl(baseline, [{"response": "hello"}] * 5)
     status = main(["eval", "winrate", "--policy", str(tiny_model_dir), "--baseline", str(baseline),

@@ -153,14 +153,16 @@ def _launch_training(accelerate_config: str, model_dir: Path, run_dir: Path, ove
 
 
 def _check_sharded_run(run_dir: Path, model_dir: Path, processes: int) -> None:
-    """24 pairs at 2 x 2 x processes a step; one metrics line per step with a finite loss; no
-    checkpoints (the optimizer state is sharded); final/ has the full weights (the gathered state
-    dict, not one process's shard), and they moved."""
+    """24 pairs at 2 x 2 x processes a step; one metrics line per step with a finite loss; the last
+    step's checkpoint is complete; final/ has the full weights (the gathered state dict, not one
+    process's shard), and they moved."""
+    from nashalign.checkpoint import checkpoint_name, latest_checkpoint
+
     steps = math.ceil(24 / (4 * processes))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
     assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in rows)
-    assert not (run_dir / "checkpoints").exists()
+    assert latest_checkpoint(run_dir / "checkpoints").name == checkpoint_name(steps)
     final, initial = _weights(run_dir / "final"), _weights(model_dir)
     assert {name: tuple(t.shape) for name, t in final.items()} == {name: tuple(t.shape) for name, t in initial.items()}
     assert max(float((final[name].float() - initial[name].float()).abs().max()) for name in final) > 1e-4
@@ -178,6 +180,78 @@ def test_deepspeed_zero_config_trains_and_saves_full_weights(stage, tiny_model_d
         ["model.dtype=bfloat16", "model.mixed_precision=bf16"], tmp_path / "log.txt",
     )
     _check_sharded_run(run_dir, Path(tiny_model_dir), processes)
+
+
+def _resume_worker(config_path: str, kill_after: int) -> None:
+    """Inside each launched process: train; SIGKILL this process once step `kill_after` is done."""
+    import logging
+    import signal
+
+    from nashalign.config import TrainConfig, load_config
+    from nashalign.train import train
+
+    def kill(step: int, metrics: dict) -> None:
+        if step == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    logging.basicConfig(level=logging.INFO)
+    train(load_config(TrainConfig, config_path), callback=kill)
+
+
+def _launch_worker(accelerate_config: str, config: Path, kill_after: int, log: Path) -> int:
+    processes = min(GPUS, 2)
+    command = [
+        str(Path(sys.executable).parent / "accelerate"), "launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config), "--mixed_precision", "no",
+        "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+        str(Path(__file__)), "--worker", str(config), str(kill_after),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w", encoding="utf-8") as out:
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600, cwd=ROOT).returncode
+
+
+@needs_cuda
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_deepspeed_phase_resumes_to_the_uninterrupted_weights(stage, tiny_model_dir, tmp_path):
+    """ZeRO-{stage} in float32 (so that the comparison is not bfloat16 rounding), 2 epochs over the 24
+    pairs, a checkpoint every 2 steps: a run SIGKILLed after step 3 resumes from its step-2
+    checkpoint (DeepSpeed's partitioned optimizer state, one file per process, read back by
+    DeepSpeed) and ends with the uninterrupted run's weights (1e-5) and per-step losses."""
+    import yaml
+
+    from nashalign.checkpoint import checkpoint_name, list_checkpoints
+
+    runs = {}
+    for name, kill_after in (("whole", 0), ("killed", 3)):
+        run_dir = tmp_path / name
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": {"name_or_path": str(tiny_model_dir), "mixed_precision": "no"},
+            "data": {"train_file": str(PAIRS), "max_length": 64, "max_prompt_length": 32},
+            "loss": {"name": "inpo", "eta": 0.05},
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "epochs": 2, "per_device_batch_size": 2,
+                      "gradient_accumulation_steps": 2, "seed": 0},
+            "output": {"dir": str(run_dir), "save_steps": 2, "save_total_limit": 2, "report_to": "none"},
+        }))
+        returncode = _launch_worker(f"deepspeed-zero{stage}.yaml", config, kill_after, tmp_path / f"{name}.log")
+        if name == "killed":
+            assert returncode != 0 and not (run_dir / "final").exists()
+            assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == [checkpoint_name(2)]
+            shards = sorted((run_dir / "checkpoints" / checkpoint_name(2) / "deepspeed").glob("*optim_states*"))
+            assert len(shards) == min(GPUS, 2)
+            returncode = _launch_worker(f"deepspeed-zero{stage}.yaml", config, 0, tmp_path / "resumed.log")
+            assert "resuming from" in (tmp_path / "resumed.log").read_text()
+        assert returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        runs[name] = run_dir
+    whole, killed = _weights(runs["whole"] / "final"), _weights(runs["killed"] / "final")
+    assert whole.keys() == killed.keys()
+    for key in whole:
+        torch.testing.assert_close(killed[key].float(), whole[key].float(), rtol=0, atol=1e-5, msg=key)
+    losses = {name: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for name, run in runs.items()}
+    assert losses["killed"] == pytest.approx(losses["whole"], rel=1e-5)
 
 
 @needs_cuda
@@ -217,3 +291,7 @@ def test_online_stages_return_cuda_memory_to_the_pre_stage_level(tiny_model_dir,
     run_online(config, progress=False)
     assert at_training == [before, before]
     assert torch.cuda.memory_allocated() == before
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _resume_worker(sys.argv[2], int(sys.argv[3]))

@@ -1,10 +1,14 @@
 """The HTTP judge against a real, scripted OpenAI-compatible server on 127.0.0.1 (ephemeral port).
 
 The server judges by a known rule with a position bias, so the expected probabilities are derived by
-hand; it can be scripted to answer 500, 503, 429, to time out (sleep longer than the client's
-timeout, then hang up), to send malformed JSON or a truncated body (Content-Length larger than the
+hand; it can be scripted to answer 500, 503, 429, to time out (answer nothing until the test ends,
+so the client's timeout fires however loaded the machine is), to send malformed JSON or a truncated body (Content-Length larger than the
 body), to leave out the log-probs, to answer text naming no label, and to echo the API key in an error.
 It counts the judgments it served per distinct request, which shows that no judgment is paid twice.
+
+Nothing depends on timing: the client's timeout (TIMEOUT) is far longer than any answer takes, and
+is reached only by the requests the server holds on purpose; concurrency is observed by holding
+requests until as many are in flight as the client may send.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import math
 import re
 import socketserver
 import threading
-import time
 import traceback
 from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +33,7 @@ from nashalign.oracles import build_oracle
 TEMPLATE = "P: {prompt}\nX: {first}\nY: {second}"
 BIAS = 0.5
 SECRET = "sk-test-5ecret-DO-NOT-LEAK-0123456789"
-TIMEOUT = 0.25
+TIMEOUT = 3.0
 
 
 def judge_logit(first: str, second: str) -> float:
@@ -71,6 +74,10 @@ class Handler(BaseHTTPRequestHandler):
             state.inflight += 1
             state.max_inflight = max(state.max_inflight, state.inflight)
             behaviour = state.script.popleft() if state.script else state.default
+            state.lock.notify_all()
+            if state.gate is not None:  # hold until `gate` requests are in flight (or none is left to come)
+                state.lock.wait_for(lambda: state.inflight >= state.gate or state.requests >= state.expected,
+                                    timeout=60)
         try:
             self._answer(state, body, behaviour)
         finally:
@@ -88,7 +95,7 @@ class Handler(BaseHTTPRequestHandler):
         if behaviour == "echo_key":
             return self._send(403, json.dumps({"error": f"key {authorization} may not use this model"}).encode())
         if behaviour == "timeout":
-            time.sleep(TIMEOUT * 3)
+            state.released.wait()  # set when the test's server closes: the client has given up long before
             self.close_connection = True
             return None
         if behaviour == "malformed":
@@ -118,8 +125,6 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return None
-        if state.slow:
-            time.sleep(state.slow)
         if behaviour == "ok":
             with state.lock:
                 state.served[content] += 1
@@ -141,12 +146,14 @@ class JudgeServer:
 
     def __init__(self, key: str | None = SECRET) -> None:
         self.key = key
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.script: deque[str] = deque()
         self.default = "ok"
         self.served: Counter[str] = Counter()
         self.requests = self.inflight = self.max_inflight = 0
-        self.slow = 0.0
+        self.gate: int | None = None  # see do_POST
+        self.expected = 0
+        self.released = threading.Event()
         self.httpd = LocalServer(("127.0.0.1", 0), Handler)
         self.httpd.state = self
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
@@ -154,6 +161,7 @@ class JudgeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def close(self) -> None:
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -284,11 +292,13 @@ def test_text_mode_and_unparsed_answers(server, tmp_path):
 
 
 def test_concurrency_is_bounded(server, tmp_path):
-    server.slow = 0.02
+    """The server holds each request until 3 are in flight (or the 20th has arrived): the client,
+    allowed 3 at once, reaches exactly 3 and never more."""
+    server.gate, server.expected = 3, 20
     oracle = build_oracle(_spec(server, tmp_path, concurrency=3, cache_dir=None))
     oracle.prob([f"p{i}" for i in range(10)], [f"answer {i}" for i in range(10)], ["b"] * 10)
     assert server.requests == 20
-    assert 2 <= server.max_inflight <= 3
+    assert server.max_inflight == 3
 
 
 def test_cache_drops_a_record_cut_short_and_rejects_corruption(server, tmp_path):

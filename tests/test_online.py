@@ -10,12 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -82,7 +81,14 @@ def test_two_inpo_iterations_against_the_game_oracle(tmp_path, tiny_model_dir):
         assert (it / "train" / "final" / "model.safetensors").exists()
         summary = read_json(it / "summary.json")
         assert summary["iteration"] == t and summary["pairs_kept"] == len(pairs) and summary["prompts"] == 4
-        assert 0.0 <= summary["win_rate_next_vs_current"] <= 1.0
+        # π_{t+1}'s sample j of each prompt against π_t's sample j, judged afresh from the artifacts
+        following = read_jsonl(run_dir / f"iter_{t + 1}" / "generations.jsonl")
+        judge = GameOracle(ANSWERS, GAME_P, invalid="worst")
+        probs = judge.prob([str(g["prompt_index"]) for g in generations], [g["text"] for g in following],
+                           [g["text"] for g in generations])
+        assert [(g["prompt_index"], g["sample_index"]) for g in following] == \
+            [(g["prompt_index"], g["sample_index"]) for g in generations]
+        assert summary["win_rate_next_vs_current"] == pytest.approx(float(np.mean(probs)), abs=1e-12)
         assert summary["judge_calls"] > 0
     assert len(read_jsonl(run_dir / "iter_2" / "generations.jsonl")) == 16
     assert result.final_model == run_dir / "iter_1" / "train" / "final"
@@ -91,11 +97,46 @@ def test_two_inpo_iterations_against_the_game_oracle(tmp_path, tiny_model_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert [row["iteration"] for row in result.summaries] == [0, 1]
 
+    _check_scoring_roles(config, run_dir, tiny_model_dir)
+
     # A second call finds every artifact complete and recomputes nothing: the oracle is not asked again.
     calls = oracle.counts.judge_calls
     again = run_online(config, oracle=oracle)
     assert oracle.counts.judge_calls == calls
     assert again.summaries == result.summaries
+
+
+def _check_scoring_roles(config, run_dir: Path, initial: Path) -> None:
+    """π_ref stays π_0 and π_t is iteration t−1's trained weights: the log-probs each iteration
+    trained with (logps.safetensors) equal those of its pairs scored afresh under the model loaded
+    from π_0 (ref, every t) and from iter_{t-1}/train/final (prev, t ≥ 1; π_0 at t = 0); at t = 1
+    the two roles differ (the check tells them apart)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nashalign.data import collate_pairs
+    from nashalign.logprobs import pair_logps
+    from nashalign.online import tokenized_pairs
+    from nashalign.prompts import prompt_set
+
+    tokenizer = AutoTokenizer.from_pretrained(initial)
+    for t in range(config.run.iterations):
+        it = run_dir / f"iter_{t}"
+        rows = read_jsonl(it / "generations.jsonl")
+        groups = [sorted((r for r in rows if r["prompt_index"] == p), key=lambda r: r["sample_index"])
+                  for p in range(1 + max(r["prompt_index"] for r in rows))]
+        pairs = tokenized_pairs(read_jsonl(it / "pairs.jsonl"), groups, prompt_set(config.prompts, t, tokenizer).ids,
+                                tokenizer.eos_token_id)
+        saved = load_file(it / "logps.safetensors")
+        previous = initial if t == 0 else run_dir / f"iter_{t - 1}" / "train" / "final"
+        for role, source in (("ref", initial), ("prev", previous)):
+            model = AutoModelForCausalLM.from_pretrained(source).eval()
+            with torch.no_grad():
+                fresh = pair_logps(model, collate_pairs(pairs, tokenizer.pad_token_id))
+            for side in ("chosen", "rejected"):
+                torch.testing.assert_close(saved[f"{role}_{side}"], fresh[f"{side}_logps"], rtol=0, atol=1e-4,
+                                           msg=f"iter_{t} {role}_{side}")
+        if t >= 1:
+            assert float((saved["ref_chosen"] - saved["prev_chosen"]).abs().max()) > 1e-2
 
 
 def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, tiny_model_dir):
@@ -175,7 +216,7 @@ def test_pairs_are_scored_on_the_eos_id_that_stopped_each_sample(tmp_path, two_e
 def _cli_config(tmp_path: Path, model_dir: Path, name: str) -> Path:
     mapping = _config(
         tmp_path, model_dir, prompts=8, iterations=2,
-        oracle={"type": "python", "function": "slow_judge:prefer_vowels"},
+        oracle={"type": "python", "function": "vowel_judge:prefer_vowels"},
         sampling__max_new_tokens=12, sampling__batch_size=4,
     )
     mapping["run"]["name"] = name
@@ -197,22 +238,6 @@ def _run(config: Path, env) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-def _kill_when(config: Path, env, ready, timeout: float = 300) -> None:
-    """Start the loop, SIGKILL it as soon as `ready()` is true, and make sure it died by the kill."""
-    process = subprocess.Popen([sys.executable, "-m", "nashalign.cli", "online", "--config", str(config)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            assert process.poll() is None, "the loop finished before the kill point was reached"
-            assert time.monotonic() < deadline, "kill point not reached in time"
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-
-
 def _final_weights(run_dir: Path):
     return load_file(run_dir / "iter_1" / "train" / "final" / "model.safetensors")
 
@@ -231,24 +256,24 @@ def _artifact_rows(run_dir: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("stage", ["sampling", "judging", "training"])
-def test_killed_run_resumes_to_the_same_weights(stage, tmp_path, tiny_model_dir, uninterrupted):
+def test_killed_run_resumes_to_the_same_weights(stage, tmp_path, tiny_model_dir, uninterrupted, kill_at_pause):
+    """The loop is SIGKILLed at a fixed point of each stage (it pauses there, see
+    tests/plugins/pause_point.py): iteration 1 about to sample; the first judge call of iteration
+    0; iteration 0's training with its first checkpoint complete. The rerun ends with the
+    uninterrupted run's weights, bit for bit, and the same artifacts."""
     config = _cli_config(tmp_path, tiny_model_dir, "crash")
     run_dir = tmp_path / "runs" / "crash"
-    marker = tmp_path / "judging-started"
-    env = _env(tmp_path)
-    if stage == "sampling":  # iteration 1 starts sampling π_1 right after creating its directory
-        ready = lambda: (run_dir / "iter_1").exists()  # noqa: E731
-    elif stage == "judging":
-        env = _env(tmp_path, NASHALIGN_TEST_JUDGE_MARKER=str(marker), NASHALIGN_TEST_JUDGE_DELAY="0.3")
-        ready = marker.exists
-    else:  # a checkpoint of iteration 0's training exists, the phase has not finished
-        ready = lambda: any((run_dir / "iter_0" / "train" / "checkpoints").glob("step_*/COMPLETE"))  # noqa: E731
-    _kill_when(config, env, ready)
+    point = {"sampling": "sampling", "judging": "judging", "training": "checkpoint"}[stage]
+    kill_at_pause(point, ["online", "--config", str(config)], _env(tmp_path))
     if stage == "sampling":
+        assert (run_dir / "iter_0" / "train" / "final").exists()
         assert not (run_dir / "iter_1" / "generations.jsonl").exists()
     elif stage == "judging":
+        assert (run_dir / "iter_0" / "generations.jsonl").exists()
         assert not (run_dir / "iter_0" / "pairs.jsonl").exists()
     else:
+        checkpoints = sorted(p.name for p in (run_dir / "iter_0" / "train" / "checkpoints").glob("step_*/COMPLETE"))
+        assert len(checkpoints) == 1
         assert not (run_dir / "iter_0" / "train" / "final").exists()
 
     resumed = _run(config, _env(tmp_path))

@@ -23,7 +23,7 @@ def _mapping(tmp_path: Path, prompts: int = 5, **sections) -> dict:
     write_jsonl(file, ({"prompt": [{"role": "user", "content": f"Question {i}: yes or no?"}]} for i in range(prompts)))
     mapping = {
         "model": {"name_or_path": str(tmp_path / "no-such-model")},
-        "oracle": {"type": "python", "function": "slow_judge:prefer_vowels"},
+        "oracle": {"type": "python", "function": "vowel_judge:prefer_vowels"},
         "run": {"name": "run", "dir": str(tmp_path / "runs"), "iterations": 2, "seed": 2},
         "prompts": {"file": str(file)},
         "sampling": {"backend": "transformers", "samples_per_prompt": 8, "max_new_tokens": 10},
@@ -95,8 +95,8 @@ def test_win_rate_off_samples_and_judges_nothing_more(tmp_path, tiny_model_dir, 
     the row says the win rate was not measured. The pairs are cut to data.max_length (20) and
     data.max_prompt_length (16) as offline, and the row counts the cuts."""
     monkeypatch.syspath_prepend(str(PLUGINS))
-    monkeypatch.delitem(sys.modules, "slow_judge", raising=False)
-    from slow_judge import prefer_vowels
+    monkeypatch.delitem(sys.modules, "vowel_judge", raising=False)
+    from vowel_judge import prefer_vowels
 
     from nashalign.oracles import PythonOracle
 

@@ -169,23 +169,28 @@ def test_span_attention_never_builds_a_row_mask_and_restores_the_model(tiny_mode
     pairs = random_pairs(12, 4)
     batch = pack_pairs(pairs, 0)
     assert uses_attention_interface(tiny_model) and batch["input_ids"].shape[0] == 1
+    from transformers import AttentionInterface
+
     calls = []
 
     def recording(module, query, *args, nashalign_spans=None, **kwargs):
         calls.append([mask.shape for _, _, mask in nashalign_spans[0]])
         return packed_attention(module, query, *args, nashalign_spans=nashalign_spans, **kwargs)
 
-    with mock.patch.object(packing, "packed_attention_mask", side_effect=AssertionError("dense mask built")), \
-            mock.patch.dict("transformers.AttentionInterface._global_mapping", {packing.PACKED_ATTENTION: recording}):
-        with torch.no_grad():
-            pair_logps(tiny_model, batch)
+    AttentionInterface.register(packing.PACKED_ATTENTION, recording)
+    try:
+        with mock.patch.object(packing, "packed_attention_mask", side_effect=AssertionError("dense mask built")):
+            with torch.no_grad():
+                pair_logps(tiny_model, batch)
+    finally:
+        AttentionInterface.register(packing.PACKED_ATTENTION, packed_attention)
     lengths = [packed_length(p) for p in sorted(pairs, key=packed_length, reverse=True)]
     assert calls == [[(1, 1, n, n) for n in lengths]] * tiny_model.config.num_hidden_layers
-    assert tiny_model.config._attn_implementation == "sdpa"
+    assert packing.attention_implementation(tiny_model.config) == "sdpa"
     with pytest.raises(RuntimeError, match="without nashalign_spans"):
         with mock.patch.object(packing, "pair_spans", return_value=None):
             pair_logps(tiny_model, batch)
-    assert tiny_model.config._attn_implementation == "sdpa"
+    assert packing.attention_implementation(tiny_model.config) == "sdpa"
 
 
 def test_activation_checkpointing_takes_the_dense_path(tiny_model):
@@ -280,7 +285,7 @@ def test_peft_lora_model(tiny_model):
         naive, packed = pair_logps(model, collate_pairs(pairs, 0)), pair_logps(model, pack_pairs(pairs, 0))
     assert_close(packed["chosen_logps"], naive["chosen_logps"], atol=1e-5, rtol=0)
     assert_close(packed["rejected_logps"], naive["rejected_logps"], atol=1e-5, rtol=0)
-    assert tiny_model.config._attn_implementation == "sdpa"
+    assert packing.attention_implementation(tiny_model.config) == "sdpa"
 
 
 def test_unsupported_attention_and_sliding_windows_are_refused(tiny_model):
@@ -349,3 +354,30 @@ def test_trainer_with_packing_logs_the_same_steps(tiny_model_dir, tmp_path, monk
     # Two steps of 4 and 2 pairs are one epoch: every pair counted once, cumulatively.
     every_token = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     assert runs[True][-1]["tokens"] == runs[False][-1]["tokens"] == every_token
+
+
+def test_transformers_private_attention_reader_exists(tiny_model):
+    """transformers has no public reader of a model's resolved attention implementation; packing
+    reads `PretrainedConfig._attn_implementation`. If a release drops it, this fails by name rather
+    than packing silently falling back to "eager"."""
+    from transformers import PretrainedConfig
+
+    assert isinstance(getattr(PretrainedConfig, "_attn_implementation", None), property), (
+        "transformers no longer has PretrainedConfig._attn_implementation, which "
+        "nashalign.packing.attention_implementation reads"
+    )
+    assert packing.attention_implementation(tiny_model.config) == "sdpa"
+
+
+def test_a_model_that_declines_the_switch_takes_the_dense_path(tiny_model):
+    """transformers' public set_attn_implementation declines (with a warning) for classes it cannot
+    switch; the packed batch then goes through the dense mask and still equals the naive batch."""
+    pairs = random_pairs(15, 3)
+    with torch.no_grad():
+        naive = pair_logps(tiny_model, collate_pairs(pairs, 0))
+        with mock.patch.object(type(tiny_model), "_can_set_attn_implementation", classmethod(lambda cls: False)), \
+                mock.patch.object(packing, "packed_attention_mask", wraps=packing.packed_attention_mask) as dense:
+            packed = pair_logps(tiny_model, pack_pairs(pairs, 0))
+    assert dense.call_count == 1
+    for side in ("chosen", "rejected"):
+        assert_close(packed[f"{side}_logps"], naive[f"{side}_logps"], atol=1e-5, rtol=0)

@@ -15,6 +15,10 @@ It is written into a hidden temporary sibling (`.tmp-step_...`), every file fsyn
 marker written, the directory renamed into place and the parent fsynced. A crash at any moment leaves
 either no `step_*` directory or a whole one; `latest_checkpoint` also skips any `step_*` without the
 marker. Nothing is unpickled on load: tensors come from safetensors, everything else from JSON.
+
+`staging_directory` + `publish` are the two halves of `atomic_directory`, for a directory that
+several processes fill together (DeepSpeed's partitions; see nashalign.engine_checkpoint, which also
+says what the optimizer files hold under each engine).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ _TEMP_PREFIX = ".tmp-"
 __all__ = [
     "COMPLETE_MARKER",
     "atomic_directory",
+    "staging_path",
+    "staging_directory",
+    "require_complete",
+    "publish",
+    "write_checkpoint_files",
+    "prune",
     "checkpoint_name",
     "list_checkpoints",
     "latest_checkpoint",
@@ -183,20 +193,31 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-@contextlib.contextmanager
-def atomic_directory(final: str | Path, marker: str | None = COMPLETE_MARKER) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to fill; on success fsync it, write `marker` (if any) last,
-    and rename it to `final` (replacing an existing `final` whole). On an exception the temporary
-    directory is removed and `final` is left as it was.
-    """
+def staging_path(final: str | Path, owner: str | None = None) -> Path:
+    """The hidden sibling of `final` that `staging_directory` makes. `owner` tells concurrent writers
+    apart (default: this process id); processes that fill one directory together pass the same owner."""
+    final = Path(final)
+    return final.parent / f"{_TEMP_PREFIX}{final.name}-{owner or os.getpid()}"
+
+
+def staging_directory(final: str | Path, owner: str | None = None) -> Path:
+    """A fresh, empty `staging_path(final, owner)` to fill before `publish` (any leftover of an
+    earlier, interrupted fill removed)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}"
+    temporary = staging_path(final, owner)
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
+    return temporary
+
+
+def publish(temporary: Path, final: str | Path, marker: str | None = COMPLETE_MARKER) -> None:
+    """fsync the filled `temporary`, write `marker` (if any) last, and rename it to `final` (replacing
+    an existing `final` whole); the parent directory is fsynced. On an error `temporary` is removed
+    and `final` is left as it was."""
+    final = Path(final)
     try:
-        yield temporary
         if marker is not None:
             (temporary / marker).write_text("complete\n", encoding="utf-8")
         _fsync_tree(temporary)
@@ -213,12 +234,46 @@ def atomic_directory(final: str | Path, marker: str | None = COMPLETE_MARKER) ->
     _fsync(final.parent)
 
 
+@contextlib.contextmanager
+def atomic_directory(final: str | Path, marker: str | None = COMPLETE_MARKER) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to fill; on success `publish` it. On an exception the
+    temporary directory is removed and `final` is left as it was.
+    """
+    temporary = staging_directory(final)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    publish(temporary, final, marker)
+
+
+def write_checkpoint_files(
+    directory: Path,
+    *,
+    save_model: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None,
+    scheduler: Any,
+    trainer_state: Mapping[str, Any],
+) -> None:
+    """Fill `directory` with a checkpoint's files (all but the COMPLETE marker): the model through
+    `save_model`, the optimizer state (an optimizer, an already gathered state dict, or None when the
+    engine writes its own), the scheduler, the RNG states and the trainer state."""
+    save_model(directory)
+    if optimizer is not None:
+        state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+        save_state_dict(state, directory, "optimizer")
+    save_state_dict(scheduler.state_dict(), directory, "scheduler")
+    save_state_dict(capture_rng_state(), directory, "rng")
+    (directory / TRAINER_STATE).write_text(json.dumps(dict(trainer_state), indent=1), encoding="utf-8")
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
     *,
     save_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None,
     scheduler: Any,
     trainer_state: Mapping[str, Any],
     keep_last: int | None = None,
@@ -226,24 +281,23 @@ def save_checkpoint(
     """Write checkpoint `step` atomically under `directory` and return its path.
 
     `save_model(path)` writes the model (and tokenizer) in Hugging Face format into `path`.
-    `trainer_state` must be JSON data (data position, counters). The RNG states are captured here.
-    With `keep_last`, older complete checkpoints beyond the newest `keep_last` are deleted, and so are
-    leftover temporary directories of interrupted saves.
+    `optimizer`: the optimizer or its (gathered) state dict. `trainer_state` must be JSON data (data
+    position, counters). The RNG states are captured here. With `keep_last`, older complete
+    checkpoints beyond the newest `keep_last` are deleted, and so are leftover temporary directories
+    of interrupted saves.
     """
     directory = Path(directory)
     final = directory / checkpoint_name(step)
     with atomic_directory(final) as temporary:
-        save_model(temporary)
-        save_state_dict(optimizer.state_dict(), temporary, "optimizer")
-        save_state_dict(scheduler.state_dict(), temporary, "scheduler")
-        save_state_dict(capture_rng_state(), temporary, "rng")
-        (temporary / TRAINER_STATE).write_text(json.dumps(dict(trainer_state), indent=1), encoding="utf-8")
+        write_checkpoint_files(temporary, save_model=save_model, optimizer=optimizer, scheduler=scheduler,
+                               trainer_state=trainer_state)
     if keep_last is not None:
-        _prune(directory, keep_last)
+        prune(directory, keep_last)
     return final
 
 
-def _prune(directory: Path, keep_last: int) -> None:
+def prune(directory: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints and any leftover temporary directory."""
     for path in list_checkpoints(directory)[:-keep_last]:
         shutil.rmtree(path)
     for path in directory.iterdir():
@@ -251,7 +305,7 @@ def _prune(directory: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _require_complete(path: Path) -> None:
+def require_complete(path: Path) -> None:
     if not (path / COMPLETE_MARKER).is_file():
         raise NashalignError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
 
@@ -259,24 +313,24 @@ def _require_complete(path: Path) -> None:
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """The trainer state (data position, counters) of a complete checkpoint; restores no RNG."""
     path = Path(path)
-    _require_complete(path)
+    require_complete(path)
     return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
 def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
     path = Path(path)
-    _require_complete(path)
+    require_complete(path)
     optimizer.load_state_dict(load_state_dict(path, "optimizer"))
 
 
 def load_scheduler_state(path: str | Path, scheduler: Any) -> None:
     path = Path(path)
-    _require_complete(path)
+    require_complete(path)
     scheduler.load_state_dict(load_state_dict(path, "scheduler"))
 
 
 def load_rng_state(path: str | Path) -> None:
     """Restore the RNG states saved with the checkpoint at `path`."""
     path = Path(path)
-    _require_complete(path)
+    require_complete(path)
     restore_rng_state(load_state_dict(path, "rng"))

@@ -178,7 +178,7 @@ def packed_attention_mask(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     from nashalign.logprobs import unwrap_model
 
     config = getattr(unwrap_model(model), "config", None)
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    implementation = attention_implementation(config) or "eager"
     if implementation not in MASKED_ATTENTION:
         raise NashalignError(
             f"data.packing needs the model's attention implementation to be one of {list(MASKED_ATTENTION)} "
@@ -281,9 +281,19 @@ def recomputes_forward(model: torch.nn.Module) -> bool:
     )
 
 
+def attention_implementation(config) -> str | None:
+    """The attention implementation a loaded model's config resolved to ("sdpa", "eager", ...).
+
+    transformers has no public reader for it: `config._attn_implementation` is the property its own
+    models dispatch on (tests/test_packing.py fails, naming it, if it disappears)."""
+    return getattr(config, "_attn_implementation", None)
+
+
 @contextmanager
 def _attention_implementation(model: torch.nn.Module, name: str):
-    """The model's config (and sub-configs) set to attention implementation `name`, restored on exit.
+    """The model (and its sub-models) switched to attention implementation `name`, restored on exit;
+    yields whether the switch took (transformers declines, with a warning, for model classes it
+    cannot switch; the caller then takes the dense-mask path).
 
     The first use registers `packed_attention` under `name` in transformers' AttentionInterface (a
     process-wide registry; the entry is new and changes no other implementation)."""
@@ -291,15 +301,15 @@ def _attention_implementation(model: torch.nn.Module, name: str):
 
     from nashalign.logprobs import unwrap_model
 
-    if name not in AttentionInterface._global_mapping:
+    if name not in AttentionInterface():
         AttentionInterface.register(name, packed_attention)
-    config = unwrap_model(model).config
-    previous = config._attn_implementation
-    config._attn_implementation = name
+    base = unwrap_model(model)
+    previous = attention_implementation(base.config)
+    base.set_attn_implementation(name)
     try:
-        yield
+        yield attention_implementation(base.config) == name
     finally:
-        config._attn_implementation = previous
+        base.set_attn_implementation(previous)
 
 
 def packed_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int) -> dict[str, torch.Tensor]:
@@ -318,10 +328,12 @@ def packed_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
         token_logps, model, batch["input_ids"], response_mask=response_mask, position_ids=batch["position_ids"],
         chunk_size=chunk_size,
     )
+    logps = None
     if uses_attention_interface(model) and not recomputes_forward(model):
-        with _attention_implementation(model, PACKED_ATTENTION):
-            logps = score(None, model_kwargs={"nashalign_spans": pair_spans(segment, pair_index)})
-    else:
+        with _attention_implementation(model, PACKED_ATTENTION) as switched:
+            if switched:
+                logps = score(None, model_kwargs={"nashalign_spans": pair_spans(segment, pair_index)})
+    if logps is None:
         logps = score(packed_attention_mask(model, batch))
     count = batch["chosen_lengths"].shape[0]
     sums = {}

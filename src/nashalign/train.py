@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from nashalign import NashalignError, checkpoint
+from nashalign import NashalignError, checkpoint, engine_checkpoint
 from nashalign.config import LossConfig, TrainConfig, dump_config, to_dict, validated
 from nashalign.data import TokenizedPair, TruncationReport, collate_pairs, load_records, tokenize_records
 from nashalign.logprobs import pair_logps
@@ -151,11 +151,13 @@ def _trackers(report_to: str) -> list[str]:
 
 def _make_accelerator(config: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
 
-    # A library function may run several phases in one process (the online loop) with different
-    # precision; accelerate keeps one process-wide state, so reset it (the process group is kept).
-    if AcceleratorState._shared_state:
+    # A library function may run several phases in one process (the online loop, a test session) with
+    # different precision; accelerate keeps one process-wide state and refuses a second Accelerator
+    # with another mixed_precision. It has no public reset: `_reset_state` (the process group is
+    # kept) is what its own test utilities call. tests/test_train.py fails, naming it, if it goes.
+    if is_initialized():
         AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=config.model.mixed_precision,
@@ -237,7 +239,7 @@ def train_pairs(
     checkpoint in run_dir, "never" starts over. callback(step, metrics) runs after every optimizer step.
     Seeds python, numpy and torch from optim.seed (a run owns the process's RNGs).
     """
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     if resume not in ("auto", "never"):
@@ -256,14 +258,12 @@ def train_pairs(
         if resume_from is None:  # starting from step 0: metrics of an earlier, unfinished start are stale
             metrics_file.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    # FSDP and DeepSpeed shard the optimizer state over the processes, and a checkpoint holds one
-    # process's optimizer state: under them a phase writes only final/ and cannot resume mid-way.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and (resume_from is not None or config.model.lora is not None):
-        what = f"{resume_from}: resuming" if resume_from is not None else "model.lora:"
+    # FSDP and DeepSpeed shard the parameters over the processes; a LoRA adapter's optimizer is not
+    # wired through their state dicts here (see nashalign.engine_checkpoint for full fine-tuning).
+    sharded = engine_checkpoint.engine(accelerator) != "replicated"
+    if sharded and config.model.lora is not None:
         raise NashalignError(
-            f"{what} not supported under {accelerator.distributed_type.value} (sharded optimizer state); "
-            "use the DDP config, or --resume never / another output.dir"
+            f"model.lora: not supported under {accelerator.distributed_type.value}; use the DDP config"
         )
     set_seed(config.optim.seed)
     if accelerator.is_main_process:
@@ -321,9 +321,7 @@ def train_pairs(
                     f"({saved[key]!r} vs {state[key]!r}); use --resume never or another output.dir"
                 )
         state.update(saved)
-        checkpoint.load_optimizer_state(resume_from, optimizer.optimizer)
-        checkpoint.load_scheduler_state(resume_from, scheduler)
-        checkpoint.load_rng_state(resume_from)
+        engine_checkpoint.load_training_checkpoint(accelerator, policy, optimizer, scheduler, resume_from)
         if accelerator.is_main_process:
             _rewrite_metrics(metrics_file, state["global_step"])
         logger.info("resuming from %s (step %d)", resume_from, state["global_step"])
@@ -334,20 +332,15 @@ def train_pairs(
         accelerator.init_trackers("train", config=flat)
     unwrapped = accelerator.unwrap_model(policy)
 
-    def save_model(directory: Path) -> None:
-        accelerator.unwrap_model(policy).save_pretrained(directory)
+    def save_model(directory: Path, state_dict=None) -> None:
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
 
-    def save(step: int) -> Path | None:
-        if sharded:
-            return None
-        if accelerator.is_main_process:
-            checkpoint.save_checkpoint(
-                checkpoints_dir, step, save_model=save_model, optimizer=optimizer.optimizer,
-                scheduler=scheduler, trainer_state=state, keep_last=config.output.save_total_limit,
-            )
-        accelerator.wait_for_everyone()
-        return checkpoints_dir / checkpoint.checkpoint_name(step)
+    def save(step: int) -> Path:
+        return engine_checkpoint.save_training_checkpoint(
+            accelerator, policy, optimizer, scheduler, directory=checkpoints_dir, step=step, trainer_state=state,
+            save_model=save_model, keep_last=config.output.save_total_limit,
+        )
 
     # 3. The loop: one iteration = one optimizer step over one global batch.
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
@@ -380,13 +373,13 @@ def train_pairs(
                     progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}")
                 progress.update(1)
                 if config.output.save_steps and step % config.output.save_steps == 0 and step < total_steps:
-                    last_checkpoint = save(step) or last_checkpoint
+                    last_checkpoint = save(step)
                 if callback is not None:
                     callback(step, metrics)
                 if epoch_done:
                     break  # a new permutation for the next epoch
         if last_checkpoint is None or checkpoint.load_trainer_state(last_checkpoint)["global_step"] < total_steps:
-            last_checkpoint = save(state["global_step"]) or last_checkpoint
+            last_checkpoint = save(state["global_step"])
     finally:
         progress.close()
         if metrics_out is not None:
@@ -395,7 +388,7 @@ def train_pairs(
     # 4. The final model in Hugging Face format (LoRA merged into the base weights).
     accelerator.wait_for_everyone()
     # Collective under FSDP / ZeRO-3: every process sends its shards, the main process gets the full weights.
-    state_dict = accelerator.get_state_dict(policy) if sharded else None
+    state_dict = engine_checkpoint.full_model_state(accelerator, policy)
     if accelerator.is_main_process:
         final_model = unwrapped.merge_and_unload() if config.model.lora is not None else unwrapped
         with checkpoint.atomic_directory(final_dir, marker=None) as directory:
@@ -491,17 +484,18 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
 def _accumulating(accelerator, model, last: bool):
     """Gradients are synchronized on the last micro-batch of a step only: DDP and FSDP skip their
     reduction (no_sync) before it, and DeepSpeed, whose backward also steps, is told through
-    accelerate's sync flag that it is not at an accumulation boundary. (accelerator.accumulate sets
-    that flag from a fixed micro-batch count, which a smaller last batch does not have.)"""
+    accelerate's public `Accelerator.sync_gradients` flag that it is not at an accumulation boundary.
+    (accelerator.accumulate sets that flag from a fixed micro-batch count, which a smaller last batch
+    does not have.)"""
     if last:
         yield
         return
-    accelerator.gradient_state._set_sync_gradients(False)
+    accelerator.sync_gradients = False
     try:
         with accelerator.no_sync(model):
             yield
     finally:
-        accelerator.gradient_state._set_sync_gradients(True)
+        accelerator.sync_gradients = True
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

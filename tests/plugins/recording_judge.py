@@ -1,5 +1,5 @@
 """A `python` oracle plugin for the multi-process tests: the crash tests' deterministic preference
-(slow_judge.prefer_vowels, without delay), and a record of every call: one JSON line
+(vowel_judge.prefer_vowels), and a record of every call: one JSON line
 {"rows": n} per call in <record_dir>/judge-rank<r>.jsonl, r the calling process's RANK (0 outside
 accelerate launch)."""
 
@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from slow_judge import prefer_vowels
+from vowel_judge import prefer_vowels
 
 
 def recorded_vowels(prompts, first, second, record_dir):

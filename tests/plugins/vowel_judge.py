@@ -1,20 +1,11 @@
-"""A `python` oracle plugin for the crash tests: a deterministic general preference that is slow, and
-that announces it has started (so a test can kill the process while it is judging)."""
-
-import os
-import time
-from pathlib import Path
+"""A `python` oracle plugin for the CLI and crash tests: a deterministic general preference (the crash
+tests stop the process inside it through tests/plugins/pause_point.py)."""
 
 import numpy as np
 
 
 def prefer_vowels(prompts, first, second):
     """P(a ≻ b) = σ(vowels(a) − vowels(b)) / 2 + 1/4·[len(a) < len(b)] − 1/4·[len(a) > len(b)] (clipped)."""
-    marker = os.environ.get("NASHALIGN_TEST_JUDGE_MARKER")
-    if marker:
-        Path(marker).touch()
-    time.sleep(float(os.environ.get("NASHALIGN_TEST_JUDGE_DELAY", "0")))
-
     def vowels(text):
         return sum(ch in "aeiou" for ch in text)
 
