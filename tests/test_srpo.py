@@ -128,7 +128,8 @@ def test_revise_command_round_trips_and_resumes(tiny_model_dir, tmp_path, monkey
     """`nashalign revise --rounds 2`: round_0..2.jsonl, one row per prompt; round k's revision prompt is
     T(x, round k−1's response) and its response what the model generated from it. Run again: nothing
     is generated. Remove round 2: only round 2 is generated again, identically (seeded). --oracle
-    writes winrate.json, the win rate of round 2 over round 0 (an average of the judge's P)."""
+    writes winrate.json, the win rate of round 2 over round 0 (an average of the judge's P). Other
+    prompts in the same output directory are refused."""
     from transformers import AutoTokenizer
 
     from nashalign.sampling import TransformersSampler
@@ -171,6 +172,10 @@ def test_revise_command_round_trips_and_resumes(tiny_model_dir, tmp_path, monkey
     assert main(arguments) == 0
     assert len(calls) == 1 and read_jsonl(round_file(out, 2)) == rounds[2]
     capsys.readouterr()
+
+    write_jsonl(prompts, ({"prompt": f"Other prompt {i}."} for i in range(3)))
+    assert main(arguments) == 2
+    assert "round_0.jsonl: its rows answer other prompts than these 3" in capsys.readouterr().err
 
 
 def test_compare_rounds_is_the_mean_judged_preference():

@@ -116,6 +116,9 @@ class SparsePOObjective(Objective):
             raise NashalignError("loss.mask: learned sparsepo masks train in one process and cannot resume "
                                  "mid-run; use --resume never, one process, or loss.mask: activations")
         # π_ref: a separate model, or the policy's initial weights copied before any update.
+        if model.ref_name_or_path is None and policy is None:
+            raise NashalignError("loss 'sparsepo' keeps π_ref in memory: set model.ref_name_or_path when the "
+                                 "reference log-probs are given precomputed")
         ref = load_model(model.ref_name_or_path, model) if model.ref_name_or_path else copy.deepcopy(policy)
         self.ref = ref.to(device).eval().requires_grad_(False)
         self.ref.config.use_cache = False

@@ -155,9 +155,9 @@ def revise(sampler, tokenizer, prompts: Sequence[str], judge_prompts: Sequence[s
         path = round_file(directory, number)
         if path.exists():
             rows = read_jsonl(path)
-            if len(rows) != len(prompts):
-                raise NashalignError(f"{path}: {len(rows)} rows, expected one per prompt ({len(prompts)}); "
-                                     "it belongs to other prompts: use another output directory")
+            if [row.get("prompt") for row in rows] != list(judge_prompts):
+                raise NashalignError(f"{path}: its rows answer other prompts than these {len(prompts)}; "
+                                     "use another output directory")
             results.append(rows)
             continue
         if number == 0:
