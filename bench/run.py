@@ -317,6 +317,8 @@ def main() -> int:
                     results["peak"].append(run_child("peak", directory, args))
             results["peak"].append(run_child("peak", directory, args))
         results.update({side: combine(side_runs) for side, side_runs in runs.items()})
+    if args.json:  # the raw measurements first: they cost minutes, the summary is recomputed from them
+        Path(args.json).write_text(json.dumps({"raw": results, "params": params, "machine": info}, indent=2) + "\n")
     summary = summarize(workload, params, results, info)
     print(table(summary))
     if args.json:
