@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 
 import torch
@@ -25,8 +24,6 @@ from nashalign import NashalignError
 from nashalign.config import TrainConfig
 from nashalign.data import TokenizedPair, collate_pairs
 from nashalign.packing import pack_pairs
-
-logger = logging.getLogger(__name__)
 
 MASK_FILE = "sparsepo_masks.safetensors"
 
