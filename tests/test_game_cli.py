@@ -13,6 +13,7 @@ from numpy.testing import assert_allclose
 
 from nashalign import cli
 from nashalign import games as g
+from nashalign import tabular as tb
 from nashalign.commands.game import shown_iterations, trend
 from nashalign.tabular import run_algorithms
 
@@ -26,25 +27,26 @@ def _write(tmp_path, data, name="game.json"):
 
 
 def test_default_run_prints_the_gap_table_and_writes_the_plot(tmp_path, monkeypatch, capsys):
-    """No arguments: the built-in Condorcet game, every algorithm, 100 iterations; rows 0 … 100."""
+    """No arguments: the built-in Condorcet game, every algorithm, 100 iterations; two tables (the
+    regularized gap, then DG₀), rows 0 … 100 each. INPO drives the first to 0 and stalls in the second
+    at the DG₀ of the regularized Nash policy; comal drives DG₀ towards 0."""
     monkeypatch.chdir(tmp_path)
     assert cli.main(["game"]) == 0
     out = capsys.readouterr().out
     assert "game: condorcet" in out and "majority cycle: A ≻ B ≻ C ≻ A" in out
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
-    assert [int(row[0]) for row in rows] == [0, 1, 2, 5, 10, 20, 50, 100]
-    header = next(line for line in out.splitlines() if line.startswith("iteration")).split()[1:]
-    assert header == [
-        "inpo",
-        "inpo-sampled",
-        "inpo-optimistic",
-        "iterative-dpo",
-        "online-ipo",
-        "nash-md",
-        "sppo",
-    ]
-    inpo_final = float(rows[-1][1])
-    assert inpo_final < 1e-12 < float(rows[0][1])
+    assert [int(row[0]) for row in rows] == [0, 1, 2, 5, 10, 20, 50, 100] * 2
+    regularized, unregularized = rows[:8], rows[8:]
+    headers = [line.split()[1:] for line in out.splitlines() if line.startswith("iteration")]
+    assert headers == [list(tb.ALGORITHMS)] * 2
+    assert list(tb.ALGORITHMS)[-1] == "comal"
+    assert float(regularized[-1][1]) < 1e-12 < float(regularized[0][1])
+    game = g.condorcet_game()
+    stalled = g.unregularized_gap(game.P, g.nash_policy(game.P, game.reference, 0.1))
+    assert abs(float(unregularized[-1][1]) - stalled) < 1e-3 and stalled > 0.1
+    assert float(unregularized[0][1]) == pytest.approx(g.unregularized_gap(game.P, game.reference), abs=1e-3)
+    assert float(unregularized[-1][-1]) < 0.1 * float(unregularized[-1][1])  # comal: 8.6e-3
+    assert "DG₀ " in out and "reference refreshes" in out
     plot = tmp_path / "runs" / "game" / "duality_gap.png"
     assert "plot: runs/game/duality_gap.png" in out
     assert plot.read_bytes().startswith(PNG_MAGIC) and plot.stat().st_size > 10_000
@@ -58,16 +60,20 @@ def test_json_output_has_the_documented_shape_and_matches_the_library(tmp_path, 
         "--iterations",
         "12",
         "--algorithms",
-        "inpo,inpo-sampled,sppo",
+        "inpo,inpo-sampled,sppo,comal",
         "--samples",
         "200",
+        "--refresh-every",
+        "4",
+        "--refresh-tolerance",
+        "0",
     ]
     assert cli.main([*argv, "--seed", "3", "--plot", str(plot)]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert list(result) == ["inpo", "inpo-sampled", "sppo"]
+    assert list(result) == ["inpo", "inpo-sampled", "sppo", "comal"]
     game = g.condorcet_game()
     expected = run_algorithms(
-        ["inpo", "inpo-sampled", "sppo"],
+        ["inpo", "inpo-sampled", "sppo", "comal"],
         game.P,
         game.reference,
         tau=0.1,
@@ -75,12 +81,17 @@ def test_json_output_has_the_documented_shape_and_matches_the_library(tmp_path, 
         iterations=12,
         samples=200,
         seed=3,
+        refresh_every=4,
+        refresh_tolerance=0.0,
     )
     for name, entry in result.items():
-        assert set(entry) == {"duality_gap", "policy"}
-        assert len(entry["duality_gap"]) == 13 and len(entry["policy"]) == 5
+        assert set(entry) == {"duality_gap", "unregularized_gap", "policy", "refreshes"}
+        assert len(entry["duality_gap"]) == len(entry["unregularized_gap"]) == 13 and len(entry["policy"]) == 5
         assert_allclose(entry["duality_gap"], expected[name].duality_gap, rtol=1e-12, atol=1e-15)
+        assert_allclose(entry["unregularized_gap"], expected[name].unregularized_gap, rtol=1e-12, atol=1e-15)
         assert_allclose(entry["policy"], expected[name].policy, rtol=1e-12, atol=1e-15)
+        assert entry["unregularized_gap"][-1] == pytest.approx(g.unregularized_gap(game.P, np.array(entry["policy"])))
+        assert entry["refreshes"] == (3 if name == "comal" else 0)  # after steps 4, 8, 12
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
 
@@ -119,6 +130,8 @@ def test_small_tau_shows_cycling_honestly_and_theory_schedule_falls(tmp_path, ca
         (["--tau", "nan"], "tau must be a finite number > 0"),
         (["--algorithms", "inpo,dpo"], "unknown algorithm 'dpo'"),
         (["--iterations", "0"], "iterations must be an integer >= 1"),
+        (["--refresh-every", "0"], "refresh_every must be an integer >= 1"),
+        (["--refresh-tolerance", "-1"], "refresh_tolerance must be a finite number >= 0"),
         (["GAME", "--game", "random"], "give either GAME_JSON"),
         ([{"P": [[0.5, 0.7], [0.7, 0.5]]}], r"P\[0\]\[1\] \+ P\[1\]\[0\] = 1.4, expected 1"),
         ([{"P": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]}], "square n × n matrix"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from itertools import product
 
 import numpy as np
@@ -270,3 +271,53 @@ def test_gap_and_nash_reject_nonpositive_tau():
     for function in (lambda: g.nash_policy(P, ref, 0.0), lambda: g.duality_gap(P, ref, ref, -1.0)):
         with pytest.raises(NashalignError, match="tau must be a finite number > 0"):
             function()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unregularized game
+
+
+def test_unregularized_gap_hand_values():
+    """Rock-paper-scissors: a pure policy loses to its counter with probability 1, DG₀ = 2·1 − 1 = 1;
+    uniform: P(y ≻ uniform) = ½ for every y, DG₀ = 0. π = (½, ½, 0) (rock or paper): P(· ≻ π) =
+    (½·½ + ½·0, ½·1 + ½·½, ½·0 + ½·1) = (¼, ¾, ½), paper is the best response, DG₀ = 2·¾ − 1 = ½."""
+    P = g.rock_paper_scissors()
+    assert_allclose(g.unregularized_gap(P, np.eye(3)), [1.0, 1.0, 1.0])
+    assert abs(g.unregularized_gap(P, np.full(3, 1 / 3))) < 1e-15
+    assert_allclose(P @ np.array([0.5, 0.5, 0.0]), [0.25, 0.75, 0.5])
+    assert g.unregularized_gap(P, np.array([0.5, 0.5, 0.0])) == pytest.approx(0.5)
+
+
+def test_unregularized_gap_is_the_max_min_over_pure_strategies():
+    """max_π1 π1ᵀPπ − min_π2 πᵀPπ2 is attained at pure strategies (linear in π1 and π2)."""
+    P, _ = _random_games(8, 20, 7)
+    policy = np.random.default_rng(9).dirichlet(np.ones(7), 20)
+    best = np.einsum("gij,gj->gi", P, policy).max(-1)
+    worst = np.einsum("gi,gij->gj", policy, P).min(-1)
+    assert_allclose(g.unregularized_gap(P, policy), best - worst, atol=1e-14)
+    assert (g.unregularized_gap(P, policy) > 0).all()
+
+
+def test_unregularized_nash_policy_has_zero_gap_and_is_the_limit_of_small_tau():
+    """On 24 random games (5 to 12 responses) the LP's policy has DG₀ = 0 up to rounding and no pure
+    strategy beats it; as τ → 0 the regularized Nash policy approaches it (DG₀ falls with τ)."""
+    rng = np.random.default_rng(10)
+    for _ in range(24):
+        n = int(rng.integers(5, 13))
+        P, ref = g.random_intransitive(n, rng), g.random_reference(n, rng)
+        nash = g.unregularized_nash_policy(P)
+        assert nash.min() >= 0 and abs(nash.sum() - 1) < 1e-12
+        assert g.unregularized_gap(P, nash) < 1e-9
+        gaps = [g.unregularized_gap(P, g.nash_policy(P, ref, tau)) for tau in (0.1, 0.01, 0.001)]
+        assert gaps[2] < gaps[0] and gaps[2] < 0.05
+    assert_allclose(g.unregularized_nash_policy(g.rock_paper_scissors()), np.full(3, 1 / 3), atol=1e-12)
+    top = g.unregularized_nash_policy(g.bradley_terry(np.array([0.0, 2.0, 1.0])))
+    assert_allclose(top, [0.0, 1.0, 0.0], atol=1e-12)  # transitive: the best response is pure
+    batch = g.unregularized_nash_policy(np.stack([g.rock_paper_scissors()] * 2))
+    assert batch.shape == (2, 3)
+
+
+def test_unregularized_nash_policy_without_scipy_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    with pytest.raises(NashalignError, match="needs scipy"):
+        g.unregularized_nash_policy(g.rock_paper_scissors())

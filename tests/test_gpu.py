@@ -189,3 +189,31 @@ def test_fsdp_config_trains_and_saves_full_weights(tiny_model_dir, tmp_path):
         "fsdp.yaml", tiny_model_dir, run_dir, ["model.mixed_precision=bf16"], tmp_path / "log.txt"
     )
     _check_sharded_run(run_dir, Path(tiny_model_dir), processes)
+
+
+@needs_cuda
+def test_online_stages_return_cuda_memory_to_the_pre_stage_level(tiny_model_dir, tmp_path, monkeypatch):
+    """Two online iterations on the GPU with a pair-model judge on CUDA: when each training phase
+    starts, the memory allocated on the device is what it was before the loop (no sampler, judge or
+    scoring model left), and so it is after the loop."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import nashalign.train as train
+    from nashalign.config import from_mapping
+    from nashalign.online import OnlineConfig, run_online
+    from test_online import _config
+
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    at_training = []
+    original_train = train.train_pairs
+
+    def checking_train(*args, **kwargs):
+        at_training.append(torch.cuda.memory_allocated())
+        return original_train(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_pairs", checking_train)
+    judge = {"type": "pair_model", "path": str(tiny_model_dir), "device": "cuda", "dtype": "float32"}
+    config = from_mapping(OnlineConfig, _config(tmp_path, tiny_model_dir, prompts=2, oracle=judge))
+    run_online(config, progress=False)
+    assert at_training == [before, before]
+    assert torch.cuda.memory_allocated() == before

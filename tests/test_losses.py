@@ -16,12 +16,17 @@ from nashalign.losses import (
     LOSSES,
     TENSOR_INPUTS,
     TOKEN_INPUTS,
+    WITHOUT_SFT,
     dpo,
     inpo,
+    inpo_optimistic,
+    inpo_optimistic_aux,
     ipo,
     loss_hyperparameters,
     loss_inputs,
     make_loss,
+    nash_md,
+    online_ipo,
     preference_metrics,
     sft,
     sparsepo,
@@ -58,6 +63,7 @@ def pair_batches(draw, size: int = 3) -> dict[str, torch.Tensor]:
         batch[f"{side}_lengths"] = t(*draw(st.lists(st.integers(1, 400), min_size=size, max_size=size)))
         rates = draw(st.lists(st.floats(0.0, 1.0), min_size=size, max_size=size))
         batch[f"{side}_win_rate"] = t(*rates)
+    batch["mixture_win_rate"] = t(*draw(st.lists(st.floats(0.0, 1.0), min_size=size, max_size=size)))
     return batch
 
 
@@ -85,6 +91,10 @@ ALL_VARIANTS = {
     "sft": make_loss("sft"),
     "rpo": make_loss("dpo", beta=0.1, sft_weight=0.5),
     "srpo": make_loss("srpo", beta=0.1),
+    "inpo_optimistic": make_loss("inpo-optimistic", eta=0.005, tau=0.005 / 3),
+    "inpo_optimistic_aux": make_loss("inpo-optimistic-aux", eta=0.005, tau=0.005 / 3),
+    "online_ipo": make_loss("online-ipo", tau=0.1),
+    "nash_md": make_loss("nash-md", tau=0.1),
 }
 
 
@@ -131,6 +141,52 @@ def test_inpo_paper_defaults_hand_values():
     )
     assert losses.dtype == torch.float32
     assert_close(losses, t(0.0, 2.25, dtype=torch.float32))
+
+
+def test_inpo_optimistic_hand_values():
+    """η = 1/4, τ = 1/8: r = ½, targets 1/η = 4 (policy) and 1/(2η) = 2 (auxiliary policy).
+
+    Pair 1: π = (−1, −3), π̂ = aux = (−2, −1), ref = (−2, −2), prev = (−4, −1):
+        h = (−1 + 3) − (−2 + 1) − ½·[(−2 + 2) − (−4 + 1)] = 2 + 1 − 1.5 = 1.5,
+        policy loss (1.5 − 4)² = 6.25, auxiliary loss (1.5 − 2)² = 0.25.
+    Pair 2: π = (−5, −5), aux = (−3, −3), ref = (−1, −3), prev = (−1, −3):
+        h = 0 − 0 − ½·(2 − 2) = 0, losses 16 and 4.
+    """
+    inputs = {
+        "policy_chosen_logps": t(-1.0, -5.0),
+        "policy_rejected_logps": t(-3.0, -5.0),
+        "aux_chosen_logps": t(-2.0, -3.0),
+        "aux_rejected_logps": t(-1.0, -3.0),
+        "ref_chosen_logps": t(-2.0, -1.0),
+        "ref_rejected_logps": t(-2.0, -3.0),
+        "prev_chosen_logps": t(-4.0, -1.0),
+        "prev_rejected_logps": t(-1.0, -3.0),
+    }
+    assert_close(inpo_optimistic(**inputs, eta=0.25, tau=0.125), t(6.25, 16.0))
+    assert_close(inpo_optimistic_aux(**inputs, eta=0.25, tau=0.125), t(0.25, 4.0))
+
+
+def test_online_ipo_hand_value():
+    """τ = 0.25: target 1/(2τ) = 2; z = (−1 + 2) − (−3 + 2.5) = 1.5, loss (1.5 − 2)² = 0.25."""
+    losses = online_ipo(
+        policy_chosen_logps=t(-1.0),
+        policy_rejected_logps=t(-3.0),
+        ref_chosen_logps=t(-2.0),
+        ref_rejected_logps=t(-2.5),
+        tau=0.25,
+    )
+    assert_close(losses, t(0.25))
+
+
+def test_nash_md_hand_values_and_gradient():
+    """τ = 0.5. Sample 1: π = −2, ref = −3, p̂ = 0.9: advantage (0.9 − 0.5) − 0.5·(−2 + 3) = −0.1,
+    loss −(−0.1)·(−2) = −0.2, ∂loss/∂π = 0.1 (the stop-gradient keeps the KL part out of the
+    derivative). Sample 2: π = −1, ref = −1, p̂ = 0: advantage −0.5, loss −0.5, ∂loss/∂π = 0.5."""
+    policy = t(-2.0, -1.0).requires_grad_()
+    losses = nash_md(policy_logps=policy, ref_logps=t(-3.0, -1.0), mixture_win_rate=t(0.9, 0.0), tau=0.5)
+    assert_close(losses, t(-0.2, -0.5))
+    losses.sum().backward()
+    assert_close(policy.grad, t(0.1, 0.5))
 
 
 def _dpo_inputs(margin: float) -> dict[str, torch.Tensor]:
@@ -280,26 +336,27 @@ def test_losses_invariant_to_a_constant_added_to_a_response_under_all_models(
 ):
     """Adding c to log π(y), log π_ref(y) and log π_t(y) of one response leaves every pairwise loss
     unchanged: each depends on log-probs only through log-ratios of the same response or differences
-    weighted by coefficients summing to zero (INPO: 1 − τ/η − (1 − τ/η) = 0 per response)."""
+    weighted by coefficients summing to zero (INPO: 1 − τ/η − (1 − τ/η) = 0 per response; optimistic
+    INPO: 1 − 1 − τ/η + τ/η = 0). Nash-MD is a policy-gradient loss over single samples, not a pairwise one."""
     shifted = dict(batch)
-    for model in ("policy", "ref", "prev"):
+    for model in ("policy", "ref", "prev", "aux"):
         shifted[f"{model}_chosen_logps"] = batch[f"{model}_chosen_logps"] + chosen_shift
         shifted[f"{model}_rejected_logps"] = batch[f"{model}_rejected_logps"] + rejected_shift
     for name, fn in ALL_VARIANTS.items():
-        if name in ("sft", "rpo"):
+        if name in ("sft", "rpo", "nash_md"):
             continue
         assert_close(call(fn, shifted), call(fn, batch), rtol=1e-9, atol=1e-6, msg=name)
 
 
 @PROPERTY_SETTINGS
-@given(batch=pair_batches(), model=st.sampled_from(["policy", "ref", "prev"]), offset=shift)
+@given(batch=pair_batches(), model=st.sampled_from(["policy", "ref", "prev", "aux"]), offset=shift)
 def test_inpo_and_dpo_invariant_to_a_constant_added_to_one_model(batch, model, offset):
     """Adding c to both responses' log-probs under one model (e.g. a different normalizer) leaves INPO
     and DPO unchanged: they only see chosen − rejected differences per model."""
     shifted = dict(batch)
     for side in ("chosen", "rejected"):
         shifted[f"{model}_{side}_logps"] = batch[f"{model}_{side}_logps"] + offset
-    for name in ("inpo", "dpo", "cdpo", "robust_dpo", "ipo_summed"):
+    for name in ("inpo", "dpo", "cdpo", "robust_dpo", "ipo_summed", "inpo_optimistic", "inpo_optimistic_aux"):
         fn = ALL_VARIANTS[name]
         assert_close(call(fn, shifted), call(fn, batch), rtol=1e-9, atol=1e-6, msg=name)
 
@@ -356,6 +413,31 @@ def test_squared_losses_swap_relations(batch, eta_and_tau, beta):
 
     sppo_fn = make_loss("sppo", beta=beta)
     assert_close(call(sppo_fn, swapped(batch)), call(sppo_fn, batch))
+
+
+@PROPERTY_SETTINGS
+@given(batch=pair_batches(), eta_and_tau=eta_tau)
+def test_optimistic_losses_are_inpo_when_the_auxiliary_policy_is_the_previous_iterate(batch, eta_and_tau):
+    """With π̂ = π_t, h = [π] − r·[ref] − (1 − r)·[prev], INPO's margin: the auxiliary loss is the INPO
+    loss, and the policy loss (h − 1/η)² = 4·(h/2 − 1/(2η))² asks for twice INPO's margin."""
+    eta, tau = eta_and_tau
+    same = {**batch, "aux_chosen_logps": batch["prev_chosen_logps"], "aux_rejected_logps": batch["prev_rejected_logps"]}
+    inpo_loss = call(make_loss("inpo", eta=eta, tau=tau), same)
+    assert_close(call(make_loss("inpo-optimistic-aux", eta=eta, tau=tau), same), inpo_loss)
+    ratio = tau / eta
+    h = (
+        (batch["policy_chosen_logps"] - batch["policy_rejected_logps"])
+        - ratio * (batch["ref_chosen_logps"] - batch["ref_rejected_logps"])
+        - (1 - ratio) * (batch["prev_chosen_logps"] - batch["prev_rejected_logps"])
+    )
+    assert_close(call(make_loss("inpo-optimistic", eta=eta, tau=tau), same), (h - 1 / eta) ** 2, atol=1e-4, rtol=1e-7)
+
+
+@PROPERTY_SETTINGS
+@given(batch=pair_batches(), tau=beta_values)
+def test_online_ipo_is_summed_ipo_with_beta_tau(batch, tau):
+    expected = call(make_loss("ipo", beta=tau, average_log_probs=False), batch)
+    assert_close(call(make_loss("online-ipo", tau=tau), batch), expected)
 
 
 @PROPERTY_SETTINGS
@@ -505,6 +587,7 @@ def test_bfloat16_inputs_are_computed_in_float32_and_differentiable(name):
     values["rejected_lengths"] = torch.tensor([5, 4, 3, 2, 1])
     values["chosen_win_rate"] = torch.rand(5, generator=generator)
     values["rejected_win_rate"] = torch.rand(5, generator=generator)
+    values["mixture_win_rate"] = torch.rand(5, generator=generator)
     low = {
         key: value.to(torch.bfloat16).requires_grad_() if value.is_floating_point() else value
         for key, value in values.items()
@@ -516,7 +599,8 @@ def test_bfloat16_inputs_are_computed_in_float32_and_differentiable(name):
     assert losses.shape == (5,) and losses.dtype == torch.float32
     assert_close(losses, call(fn, reference))
     losses.sum().backward()
-    gradient = low["policy_chosen_logps"].grad
+    policy = "policy_chosen_logps" if "policy_chosen_logps" in loss_inputs(fn) else "policy_logps"
+    gradient = low[policy].grad
     assert gradient is not None and gradient.dtype == torch.bfloat16
     assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
@@ -532,6 +616,7 @@ def test_losses_are_per_example(name):
     batch["rejected_lengths"] = torch.tensor([2, 9, 1, 4])
     batch["chosen_win_rate"] = torch.rand(4, generator=generator)
     batch["rejected_win_rate"] = torch.rand(4, generator=generator)
+    batch["mixture_win_rate"] = torch.rand(4, generator=generator)
     together = call(fn, batch)
     one_by_one = torch.cat(
         [call(fn, {key: value[i : i + 1] for key, value in batch.items()}) for i in range(4)]
@@ -589,6 +674,11 @@ def test_label_smoothing_out_of_range(label_smoothing, robust):
         ("inpo", {"eta": "0.005", "tau": 0.0}, "eta"),
         ("dpo", {"beta": 0.1, "sft_weight": -1.0}, "sft_weight"),
         ("dpo", {"beta": 0.1, "sft_weight": "1"}, "sft_weight"),
+        ("inpo-optimistic", {"eta": 0.1, "tau": 0.1}, "tau"),
+        ("inpo-optimistic-aux", {"eta": -0.1, "tau": 0.0}, "eta"),
+        ("online-ipo", {"tau": 0.0}, "tau"),
+        ("nash-md", {"tau": -0.1}, "tau"),
+        ("nash-md", {"tau": float("nan")}, "tau"),
         ("ipo", {"beta": 0.1, "sft_weight": float("nan")}, "sft_weight"),
     ],
 )
@@ -610,6 +700,7 @@ def test_unknown_loss_lists_the_known_ones():
         ("dpo", {"beta": 0.1, "gamma": 1.0}, "gamma", ["beta", "label_smoothing", "robust", "sft_weight"]),
         ("inpo", {"eta": 0.005, "tau": 0.001, "beta": 0.1}, "beta", ["eta", "tau", "sft_weight"]),
         ("sft", {"sft_weight": 1.0}, "sft_weight", ["none"]),
+        ("nash-md", {"tau": 0.1, "sft_weight": 1.0}, "sft_weight", ["tau"]),
         ("dpo", {"beta": 0.1, "policy_chosen_logps": t(0.0)}, "policy_chosen_logps", ["beta"]),
     ],
 )
@@ -667,6 +758,11 @@ def test_loss_inputs():
         "rejected_lengths",
     )
     assert loss_inputs(ipo) == (*pair, "chosen_lengths", "rejected_lengths")
+    optimistic = (*pair, "prev_chosen_logps", "prev_rejected_logps", "aux_chosen_logps", "aux_rejected_logps")
+    assert loss_inputs(make_loss("inpo-optimistic", eta=1.0, tau=0.1)) == optimistic
+    assert loss_inputs(make_loss("inpo-optimistic-aux", eta=1.0, tau=0.1)) == optimistic
+    assert loss_inputs(make_loss("online-ipo", tau=0.1)) == pair
+    assert loss_inputs(make_loss("nash-md", tau=0.1)) == ("policy_logps", "ref_logps", "mixture_win_rate")
     for name in TENSOR_INPUTS:
         assert any(name in loss_inputs(fn) for fn in LOSSES.values()), name
 
@@ -717,6 +813,11 @@ def test_loss_hyperparameters():
     assert loss_hyperparameters("srpo") == ("beta", "alpha", "sft_weight")
     assert loss_hyperparameters("sparsepo") == ("beta", "lambda_u", "lambda_d", "sft_weight")
     assert loss_hyperparameters("sft") == ()
+    assert loss_hyperparameters("inpo-optimistic") == ("eta", "tau", "sft_weight")
+    assert loss_hyperparameters("inpo-optimistic-aux") == ("eta", "tau", "sft_weight")
+    assert loss_hyperparameters("online-ipo") == ("tau", "sft_weight")
+    assert loss_hyperparameters("nash-md") == ("tau",)
+    assert WITHOUT_SFT == {"sft", "nash-md"}
     with pytest.raises(NashalignError, match="unknown loss 'rlhf'"):
         loss_hyperparameters("rlhf")
     flat_config = {

@@ -7,6 +7,8 @@ an uninterrupted run with the same seed (bit-for-bit on CPU with one thread).
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import signal
 import subprocess
@@ -107,6 +109,66 @@ def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, tiny_
         run_online(from_mapping(OnlineConfig, mapping), oracle=oracle)
 
 
+def test_pairs_are_scored_on_the_eos_id_that_stopped_each_sample(tmp_path, two_eos_model_dir):
+    """A Llama-3-style model stops on the second id of its generation config's EOS list ("<|eot|>",
+    not the tokenizer's "</s>"): the generations record it, and the pairs built from them are scored
+    and trained on sequences that end with it. Checked by hand: a pair's logps.safetensors entry under
+    π_0 equals the summed log-probs of the response tokens followed by the recorded stop token,
+    computed directly with the model, and the training phase's data fingerprint is that of the pairs
+    built by hand the same way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mapping = _config(tmp_path, two_eos_model_dir, prompts=4, iterations=1, sampling__max_new_tokens=6)
+    result = run_online(from_mapping(OnlineConfig, mapping), oracle=GameOracle(ANSWERS, GAME_P, invalid="worst"))
+    tokenizer = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot|>")
+    it = result.run_dir / "iter_0"
+    generations = read_jsonl(it / "generations.jsonl")
+    assert {g["stop_token_id"] for g in generations if g["finish_reason"] == "stop"} == {eot}
+    groups = {(g["prompt_index"], g["sample_index"]): g for g in generations}
+    pairs = read_jsonl(it / "pairs.jsonl")
+    logps = load_file(it / "logps.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(two_eos_model_dir).eval()
+    prompts = [line["prompt"] for line in read_jsonl(tmp_path / "prompts.jsonl")]
+    checked = 0
+    for n, pair in enumerate(pairs):
+        for side in ("chosen", "rejected"):
+            sample = groups[(pair["prompt_index"], pair[f"{side}_index"])]
+            if sample["finish_reason"] != "stop":
+                continue
+            rendered = tokenizer.apply_chat_template(prompts[pair["prompt_index"]], tokenize=False,
+                                                     add_generation_prompt=True)
+            prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            response = sample["token_ids"] + [eot]
+            ids = torch.tensor([prompt_ids + response])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+            expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).sum()
+            torch.testing.assert_close(logps[f"ref_{side}"][n], expected, rtol=1e-4, atol=1e-4)
+            assert eos not in response
+            checked += 1
+    assert checked > 0
+
+    # Trained on the same sequences: the training phase's data fingerprint is that of the pairs built
+    # here by hand from the generations, each stopped response followed by "<|eot|>".
+    from nashalign.checkpoint import latest_checkpoint, load_trainer_state
+    from nashalign.data import TokenizedPair
+    from nashalign.train import _data_fingerprint
+
+    def response_ids(sample):
+        return sample["token_ids"] + ([eot] if sample["finish_reason"] == "stop" else [])
+
+    by_hand = []
+    for pair in pairs:
+        rendered = tokenizer.apply_chat_template(prompts[pair["prompt_index"]], tokenize=False,
+                                                 add_generation_prompt=True)
+        chosen, rejected = (groups[(pair["prompt_index"], pair[f"{side}_index"])] for side in ("chosen", "rejected"))
+        by_hand.append(TokenizedPair(tokenizer(rendered, add_special_tokens=False)["input_ids"], response_ids(chosen),
+                                     response_ids(rejected), ""))
+    state = load_trainer_state(latest_checkpoint(it / "train" / "checkpoints"))
+    assert state["data"] == _data_fingerprint(by_hand)
+
+
 # --------------------------------------------------------------------------- crash safety
 
 
@@ -198,3 +260,95 @@ def test_killed_run_resumes_to_the_same_weights(stage, tmp_path, tiny_model_dir,
     # No artifact is duplicated or lost: the same files with the same number of rows.
     assert _artifact_rows(run_dir) == _artifact_rows(uninterrupted)
     assert not list(run_dir.rglob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------- the plan against a real run
+
+
+def _texts(path: Path) -> dict[tuple[int, int], str]:
+    return {(row["prompt_index"], row["sample_index"]): row["text"] for row in read_jsonl(path)}
+
+
+def test_dry_run_counts_equal_the_uninterrupted_run(uninterrupted, capsys):
+    """`online --dry-run` on the run's config predicts, per iteration, the samples and comparisons
+    exactly (all_pairs, K = 4: 6 per prompt; the win rate: N·K), and bounds the new tokens and judge
+    calls; the judge calls are exactly 2 (both orders) per comparison of two different texts."""
+    from nashalign.cli import main
+    from nashalign.config import load_config
+    from nashalign.online_plan import plan_online
+
+    config_file = uninterrupted / "config.yaml"
+    plan = plan_online(load_config(OnlineConfig, config_file))
+    assert main(["online", "--config", str(config_file), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(plan))
+    tokens = 0
+    for t, it in enumerate(plan["iterations"]):
+        generations = read_jsonl(uninterrupted / f"iter_{t}" / "generations.jsonl")
+        following = uninterrupted / f"iter_{t + 1}" / "generations.jsonl"
+        assert it["prompts"] == 8 and it["sample"]["samples"] == len(generations) == 32
+        assert it["summary"]["samples"] == (0 if t == 0 else len(read_jsonl(following)))  # iteration 1 reuses
+        tokens += sum(len(row["token_ids"]) for row in generations)
+        stats, summary = read_json(uninterrupted / f"iter_{t}" / "pair_stats.json"), read_json(
+            uninterrupted / f"iter_{t}" / "summary.json")
+        assert stats["comparisons"] == it["judge"]["comparisons"] == it["judge"]["comparisons_max"] == 8 * 6
+        assert summary["comparisons"] == it["judge"]["comparisons"] + it["summary"]["comparisons"] == 48 + 32
+        assert summary["win_rate_comparisons"] == it["summary"]["comparisons"]
+        texts, next_texts = _texts(uninterrupted / f"iter_{t}" / "generations.jsonl"), _texts(following)
+        differing = sum(texts[j["prompt_index"], j["first_index"]] != texts[j["prompt_index"], j["second_index"]]
+                        for j in read_jsonl(uninterrupted / f"iter_{t}" / "judgments.jsonl"))
+        differing_next = sum(texts[key] != next_texts[key] for key in texts)
+        assert stats["judge_calls"] == 2 * differing <= it["judge"]["judge_calls_max"] == 2 * 48
+        assert summary["judge_calls"] == 2 * (differing + differing_next)
+        assert summary["judge_calls"] <= it["judge"]["judge_calls_max"] + it["summary"]["judge_calls_max"]
+    tokens += sum(len(row["token_ids"]) for row in read_jsonl(uninterrupted / "iter_2" / "generations.jsonl"))
+    assert 0 < tokens <= plan["total"]["new_tokens_max"] == (32 + 32 + 32) * 12
+    assert plan["total"]["samples"] == 96
+
+
+# --------------------------------------------------------------------------- extending a finished run
+
+
+@pytest.mark.parametrize("per_iteration_files", [False, True])
+def test_a_finished_run_is_extended_and_other_changes_are_refused(per_iteration_files, tmp_path, tiny_model_dir):
+    """A one-iteration run, rerun with run.iterations = 2, continues with iteration 1 only: iteration
+    0 is neither judged nor trained again. With one prompts file, π_1's samples that served iteration
+    0's win rate are iteration 1's; with prompts.files, iteration 1 answers the appended file (3
+    prompts), so those samples (2 prompts) are replaced. A changed key is refused by name."""
+    from nashalign import NashalignError
+
+    mapping = _config(tmp_path, tiny_model_dir, iterations=1, prompts=2)
+    if per_iteration_files:
+        second = tmp_path / "second.jsonl"
+        write_jsonl(second, ({"prompt": f"Second {i}: good or bad?"} for i in range(3)))
+        mapping["prompts"] = {"files": [mapping["prompts"]["file"]]}
+    oracle = GameOracle(ANSWERS, GAME_P, invalid="worst")
+    first = run_online(from_mapping(OnlineConfig, mapping), oracle=oracle, progress=False)
+    sampled = (first.run_dir / "iter_1" / "generations.jsonl").read_bytes()
+    calls = oracle.counts.judge_calls
+
+    longer = copy.deepcopy(mapping)
+    longer["run"]["iterations"] = 2
+    if per_iteration_files:
+        longer["prompts"]["files"].append(str(second))
+    for key, value, message in (("loss", {"eta": 0.7}, r"different config \(loss\.eta: was 0\.5, now 0\.7\)"),
+                                ("run", {"iterations": 2, "seed": 4}, r"\(run\.seed: was 3, now 4\)")):
+        changed = copy.deepcopy(longer)
+        changed[key].update(value)
+        with pytest.raises(NashalignError, match=message):
+            run_online(from_mapping(OnlineConfig, changed), oracle=oracle, progress=False)
+    assert oracle.counts.judge_calls == calls
+
+    extended = run_online(from_mapping(OnlineConfig, longer), oracle=oracle, progress=False)
+    assert [row["iteration"] for row in extended.summaries] == [0, 1]
+    assert extended.summaries[0] == first.summaries[0]
+    assert extended.final_model == first.run_dir / "iter_1" / "train" / "final"
+    assert (extended.final_model / "model.safetensors").exists()
+    assert oracle.counts.judge_calls - calls == extended.summaries[1]["judge_calls"]  # iteration 0: nothing again
+    iteration_1 = first.run_dir / "iter_1" / "generations.jsonl"
+    if per_iteration_files:
+        assert len({row["prompt_index"] for row in read_jsonl(iteration_1)}) == 3
+    else:
+        assert iteration_1.read_bytes() == sampled
+    assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["run"]["iterations"] == 2
+    with pytest.raises(NashalignError, match=r"run\.iterations: was 2, now 1; a run can be extended, not shortened"):
+        run_online(from_mapping(OnlineConfig, mapping), oracle=oracle, progress=False)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from nashalign.config import TrainConfig, load_config
-from nashalign.online import OnlineConfig
+from nashalign.online import OnlineConfig, phase_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "scaling.md"
@@ -179,7 +179,7 @@ def test_paper_config_holds_the_papers_setting(monkeypatch):
     from nashalign.oracles import parse_config
 
     config = load_config(OnlineConfig, PAPER_CONFIG)
-    assert config.run.algorithm == "inpo" and config.loss.name == "inpo"
+    assert config.run.algorithm == "inpo" and phase_config(config, 0).loss.name == "inpo"
     assert config.loss.eta == 0.005 and config.loss.tau == config.loss.eta / 3
     assert (config.optim.lr, config.optim.schedule, config.optim.warmup_ratio) == (5e-7, "cosine", 0.03)
     assert config.optim.epochs == 2 and config.run.iterations == 3

@@ -9,8 +9,12 @@ the key's path, on unknown keys, missing required keys, wrong types and out-of-r
 Supported field types: bool, int, float, str, Literal[...], X | None, list[X], tuple[X, ...],
 tuple[X, Y], and nested dataclasses (also optional ones: `lora: LoraSettings | None`, enabled by
 writing the section). Ranges are given in field metadata (`gt`, `ge`, `lt`, `le`); cross-field
-rules in a dataclass method `check(self)` that raises `ConfigFieldError(field, message)`, and
-derived defaults in `resolve(self)` (for example tau = eta/3), called after the fields are checked.
+rules in a dataclass method `check(self)` that raises `ConfigFieldError(field, message)` (a dotted
+field names a key of a nested section), and derived defaults in `resolve(self)` (for example
+tau = eta/3), called after the fields are checked. A dataclass may list keys it refuses on purpose
+in a class attribute `refused_keys` ({key: why}); writing one is an error that says why.
+`config_subset` derives such a section from another: the same fields, defaults and checks, less the
+keys a consumer sets itself (the online loop's sections are its training sections less those).
 
 `--set a.b=c` overrides are parsed as YAML scalars and checked exactly like file values.
 `dump_config` writes the resolved tree back as YAML; loading a dump gives the same tree.
@@ -30,6 +34,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from nashalign import NashalignError
+from nashalign.json_input import RECURSION
+from nashalign.models import ModelSpec
 
 T = TypeVar("T")
 
@@ -49,6 +55,7 @@ __all__ = [
     "dump_config",
     "config_keys",
     "config_reference",
+    "config_subset",
 ]
 
 
@@ -97,12 +104,26 @@ class ModelConfig:
         None, "previous iterate π_t (inpo only); unset: the policy's initial weights (iteration 0)"
     )
     tokenizer_name_or_path: str | None = _field(None, "tokenizer; unset: the policy's")
+    revision: str | None = _field(None, "hub branch, tag or commit of every hub-named model here; unset: main")
     trust_remote_code: bool = _field(False, "allow custom model code shipped with a hub model")
     dtype: Literal["float32", "bfloat16"] = _field("float32", "dtype the weights are loaded in")
+    attn_implementation: str | None = _field(
+        None, "attention kernel (eager, sdpa, flash_attention_2, ...); unset: transformers' default"
+    )
     mixed_precision: Literal["no", "bf16"] = _field("no", "bf16: bfloat16 autocast of forward passes")
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass")
     disable_dropout: bool = _field(True, "set the base model's dropout probabilities to 0, as TRL (LoRA keeps its own)")
     lora: LoraSettings | None = _field(None, "LoRA adapters through peft; off unless this section is set")
+
+    def spec(self, name_or_path: str | None = None, **changes: Any) -> ModelSpec:
+        """How to load `name_or_path` (default: the policy) with this section's settings."""
+        return ModelSpec(
+            str(name_or_path or self.name_or_path), revision=self.revision, dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation, **changes,
+        )
+
+    def tokenizer_spec(self) -> ModelSpec:
+        return self.spec(self.tokenizer_name_or_path or self.name_or_path)
 
 
 @dataclasses.dataclass
@@ -241,6 +262,8 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise NashalignError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # the composer recurses once per nesting level
+        raise NashalignError(f"{source}: invalid YAML: {RECURSION}") from None
     if node is None:
         return {}, {}
     lines: dict[tuple[str, ...], int] = {}
@@ -407,7 +430,10 @@ def _convert(value: Any, kind: Any, path: tuple[str, ...], origins: _Origins, me
 def _build(cls: type[T], mapping: Mapping, path: tuple[str, ...], origins: _Origins) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    refused = getattr(cls, "refused_keys", {})
     for key in mapping:
+        if key in refused:
+            raise origins.error((*path, str(key)), f"not accepted here: {refused[key]}")
         if key not in fields:
             allowed = ", ".join(fields)
             raise origins.error((*path, str(key)), f"unknown key (allowed here: {allowed})")
@@ -426,7 +452,7 @@ def _build(cls: type[T], mapping: Mapping, path: tuple[str, ...], origins: _Orig
         try:
             check()
         except ConfigFieldError as error:
-            raise origins.error((*path, error.field), error.message) from None
+            raise origins.error((*path, *error.field.split(".")), error.message) from None
     resolve = getattr(instance, "resolve", None)
     if resolve is not None:
         resolve()
@@ -517,6 +543,24 @@ def dump_config(config: Any, path: str | Path) -> Path:
     temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
     temporary.replace(path)
     return path
+
+
+def config_subset(base: type, name: str, refused: Mapping[str, str], doc: str, module: str) -> type:
+    """A config section `module.name` with `base`'s fields (defaults, bounds, help, `check`,
+    `resolve`) less the keys of `refused`, which it names with the reason when written ({key: why})."""
+    hints = typing.get_type_hints(base)
+    unknown = set(refused) - {spec.name for spec in dataclasses.fields(base)}
+    if unknown:
+        raise TypeError(f"{base.__name__} has no fields {sorted(unknown)}")
+    fields = [
+        (spec.name, hints[spec.name], dataclasses.field(
+            default=spec.default, default_factory=spec.default_factory, metadata=spec.metadata))
+        for spec in dataclasses.fields(base) if spec.name not in refused
+    ]
+    namespace = {"__doc__": doc, "__module__": module, "refused_keys": dict(refused)}
+    namespace.update({method: getattr(base, method) for method in ("check", "resolve", "spec", "tokenizer_spec")
+                      if hasattr(base, method)})
+    return dataclasses.make_dataclass(name, fields, namespace=namespace)
 
 
 def _unwrap_optional(kind: Any) -> tuple[Any, bool]:

@@ -123,6 +123,7 @@ def supervised_start(directory: Path, prompts, settings: DemoSettings) -> Path:
     import torch
 
     from nashalign.checkpoint import atomic_directory
+    from nashalign.logprobs import sequence_logps
     from nashalign.tiny import build_model, build_tokenizer
 
     if (directory / "config.json").exists():
@@ -142,7 +143,7 @@ def supervised_start(directory: Path, prompts, settings: DemoSettings) -> Path:
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(settings.sft_steps), desc="sft", unit="step"):
-        loss = -(weights_t * _sequence_logps(model, rows, tokenizer.pad_token_id)).sum()
+        loss = -(weights_t * sequence_logps(model, rows, tokenizer.pad_token_id)).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -159,42 +160,26 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-def _sequence_logps(model, rows, pad_id):
-    """(N,) summed log-probs of each (prompt ids, response ids) row, through nashalign.logprobs."""
-    import torch
-
-    from nashalign.logprobs import token_logps
-
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    attention = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (p, r) in enumerate(rows):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attention[i, : len(p) + len(r)] = 1
-        mask[i, len(p) : len(p) + len(r)] = True
-    return token_logps(model, ids, attention, mask).sum(-1)
-
-
 # --------------------------------------------------------------------------- step 3: exact evaluation
 
 
 def answer_distributions(model_dir: Path, prompts) -> tuple[list[np.ndarray], list[float]]:
     """Each prompt's distribution over its family's answers (renormalized), and the mass on them."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nashalign.evaluate import lm_response_distribution
+    from nashalign.logprobs import sequence_logps
+    from nashalign.models import load_causal_lm, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
 
     def score(text: str, answers: Sequence[str]):
         prompt_ids = _prompt_ids(tokenizer, text)
         rows = [(prompt_ids, tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
                 for a in answers]
         with torch.inference_mode():
-            return _sequence_logps(model, rows, tokenizer.pad_token_id).double().numpy()
+            return sequence_logps(model, rows, tokenizer.pad_token_id).double().numpy()
 
     policies, masses = [], []
     for family, text in prompts:
@@ -229,26 +214,27 @@ def exact_win_rate(first, second, prompts, first_mass=None, second_mass=None) ->
 
 
 def online_config(settings: DemoSettings, algorithm: str, start: Path, prompts_file: Path, run_dir: Path):
-    from nashalign.config import DataConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig
-    from nashalign.online import OnlineConfig, PairSettings, PromptsConfig, RunSettings, SamplingSettings
+    from nashalign.config import from_mapping
+    from nashalign.online import OnlineConfig
 
-    return OnlineConfig(
-        model=ModelConfig(name_or_path=str(start)),
-        run=RunSettings(name=algorithm, dir=str(run_dir), algorithm=algorithm,
-                        iterations=settings.iterations, seed=settings.seed),
-        prompts=PromptsConfig(file=str(prompts_file)),
-        sampling=SamplingSettings(backend="transformers", samples_per_prompt=settings.samples_per_prompt,
-                                  max_new_tokens=8, temperature=1.0, batch_size=64),
-        # INPO's loss is minimized by the OMD step when pairs are drawn from π_t × π_t and labelled by P:
-        # all pairs of the K samples, labels drawn from P, is exactly that draw.
-        pairs=PairSettings(method="all_pairs" if algorithm == "inpo" else "best_vs_worst"),
-        data=DataConfig(max_length=64, max_prompt_length=48, scoring_batch_size=64),
-        loss=LossConfig(name="inpo" if algorithm == "inpo" else "dpo", eta=settings.eta, tau=settings.tau,
-                        beta=settings.dpo_beta),
-        optim=OptimConfig(lr=settings.lr, epochs=settings.epochs, per_device_batch_size=settings.batch_size,
-                          schedule="constant", warmup_ratio=0.0, max_grad_norm=10.0, seed=settings.seed),
-        output=OutputConfig(save_steps=0, report_to="none"),
-    )
+    # INPO's loss is minimized by the OMD step when pairs are drawn from π_t × π_t and labelled by P:
+    # all pairs of the K samples, labels drawn from P, is exactly that draw.
+    inpo = algorithm == "inpo"
+    return from_mapping(OnlineConfig, {
+        "model": {"name_or_path": str(start)},
+        "run": {"name": algorithm, "dir": str(run_dir), "algorithm": algorithm, "iterations": settings.iterations,
+                "seed": settings.seed},
+        "prompts": {"file": str(prompts_file)},
+        "sampling": {"backend": "transformers", "samples_per_prompt": settings.samples_per_prompt,
+                     "max_new_tokens": 8, "temperature": 1.0, "batch_size": 64},
+        "pairs": {"method": "all_pairs" if inpo else "best_vs_worst"},
+        "data": {"max_length": 64, "max_prompt_length": 48, "scoring_batch_size": 64},
+        "loss": {"eta": settings.eta, "tau": settings.tau, "beta": settings.dpo_beta} if inpo
+        else {"beta": settings.dpo_beta},
+        "optim": {"lr": settings.lr, "epochs": settings.epochs, "per_device_batch_size": settings.batch_size,
+                  "schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 10.0},
+        "output": {"save_steps": 0, "report_to": "none"},
+    }, source="<demo>")
 
 
 def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from nashalign import NashalignError
+from nashalign.json_input import load_json
 
 SYMMETRY_TOLERANCE = 1e-6
 """Largest accepted |P[a, b] + P[b, a] − 1| and |Σ ref − 1| in user input."""
@@ -298,7 +299,7 @@ def load_game(path: str | Path) -> Game:
     except UnicodeDecodeError:
         raise NashalignError(f"{path}: not a UTF-8 text file") from None
     try:
-        data = json.loads(text)
+        data = load_json(text, path)
     except json.JSONDecodeError as error:
         raise NashalignError(
             f"{path}: line {error.lineno} column {error.colno}: invalid JSON: {error.msg}"
@@ -422,3 +423,57 @@ def nash_policy(P: np.ndarray, ref: np.ndarray, tau: float, *, max_iterations: i
             f"nash_policy did not converge (residual {nash_residual(P, ref, nash, tau).max():.2e})"
         )
     return nash
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unregularized game: duality gap and exact Nash policy
+
+
+def unregularized_gap(P: np.ndarray, policy: np.ndarray) -> np.ndarray:
+    """DG₀(π) = max_π1 π1ᵀPπ − min_π2 πᵀPπ2 = 2·max_y (Pπ)(y) − 1, (...,): the duality gap of the game
+    without regularization (τ = 0). ≥ 0, and 0 exactly at a Nash policy of the preference itself.
+
+    The second term is min_y' P(π ≻ y') = 1 − max_y' P(y' ≻ π), because P(π ≻ y) + P(y ≻ π) = 1.
+    """
+    return 2.0 * np.max(_matvec(P, policy), axis=-1) - 1.0
+
+
+def unregularized_nash_policy(P: np.ndarray) -> np.ndarray:
+    """A Nash policy of the unregularized game, (..., n), by linear programming: minimize v over
+    (π, v) subject to (Pπ)(y) ≤ v for every y, π ≥ 0, Σ π = 1. The optimal v is the game's value ½
+    (P + Pᵀ = 1 makes the game symmetric), and the optimal π has DG₀(π) = 0 up to rounding (≈ 1e-15).
+
+    The LP is solved by scipy's HiGHS solver, imported here and nowhere else: this exact solver backs
+    tests and analysis only (`nashalign game` computes DG₀ in closed form and never calls it), so scipy
+    stays a development dependency instead of a run-time one, and a hand-written simplex method would
+    be more code to trust than the few lines below. Raises NashalignError when scipy is missing or
+    the solver fails.
+    """
+    try:
+        from scipy.optimize import linprog
+    except ImportError:
+        raise NashalignError(
+            "unregularized_nash_policy needs scipy (a development dependency: pip install scipy)"
+        ) from None
+    matrix = np.asarray(P, dtype=np.float64)
+    n = matrix.shape[-1]
+    games = matrix.reshape(-1, n, n)
+    cost = np.concatenate([np.zeros(n), [1.0]])
+    equality = np.concatenate([np.ones(n), [0.0]])[None, :]
+    bounds = [(0.0, None)] * n + [(None, None)]
+    policies = []
+    for k, game in enumerate(games):
+        result = linprog(
+            cost,
+            A_ub=np.concatenate([game, -np.ones((n, 1))], axis=1),
+            b_ub=np.zeros(n),
+            A_eq=equality,
+            b_eq=[1.0],
+            bounds=bounds,
+            method="highs",
+        )
+        if result.status != 0:
+            raise NashalignError(f"unregularized_nash_policy: the LP of game {k} failed: {result.message}")
+        policy = np.clip(result.x[:n], 0.0, None)
+        policies.append(policy / policy.sum())
+    return np.stack(policies).reshape(matrix.shape[:-1])

@@ -11,6 +11,8 @@ Three layers, each usable alone:
   most of the (N, T, V) logits. Models that cannot do that get the full logits (still chunked after).
 - `pair_logps(model, batch)`: one forward pass over a pair batch (rows 0..B-1 prompt+chosen, rows
   B..2B-1 prompt+rejected), summed per side.
+- `sequence_logps(model, rows, pad_id)`: summed log-probs of single (prompt, response) rows, each
+  scored once (evaluation, the demo's exact policies).
 
 Shift convention: `response_mask[i, t]` marks token t of row i as a response token; its log-prob is
 read from the logits at position t-1, so `response_mask[:, 0]` must be False.
@@ -149,6 +151,46 @@ def token_logps(
     values = selective_log_softmax(logits, input_ids[response_mask], chunk_size)
     out = torch.zeros(response_mask.shape, dtype=torch.float32, device=values.device)
     return out.masked_scatter(response_mask, values.float())
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    rows: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    *,
+    batch_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """(N,) float32 summed log π(response | prompt) of each (prompt ids, response ids) row.
+
+    Rows are right-padded into batches of `batch_size`, neighbours in length batched together (one
+    batch in the given order when None); each row is computed once. Differentiable unless called in
+    inference mode.
+    """
+    if not rows:
+        return torch.zeros(0)
+    device = next(model.parameters()).device
+    order = list(range(len(rows)))
+    if batch_size is not None:
+        order.sort(key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    size = batch_size or len(rows)
+    parts, placed = [], []
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        width = max(len(rows[i][0]) + len(rows[i][1]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for r, i in enumerate(chunk):
+            prompt, response = rows[i]
+            ids[r, : len(prompt) + len(response)] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+            attention[r, : len(prompt) + len(response)] = 1
+            mask[r, len(prompt) : len(prompt) + len(response)] = True
+        values = token_logps(model, ids.to(device), attention.to(device), mask.to(device), chunk_size=chunk_size)
+        parts.append(values.sum(-1))
+        placed.extend(chunk)
+    summed = torch.cat(parts)
+    return summed[torch.argsort(torch.tensor(placed))]
 
 
 def pair_logps(

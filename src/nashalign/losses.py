@@ -2,9 +2,13 @@
 
 Every loss takes keyword tensors of shape (B,) and keyword-only hyperparameters and returns a (B,)
 tensor of per-example losses: averaging, weighting and logging live in the trainer. Names follow the
-project contract: `policy_*`, `ref_*`, `prev_*` are the summed response log-probs of the trained
-policy π, the reference π_ref and the previous iterate π_t; `*_lengths` count response tokens;
-`*_win_rate` are estimated probabilities that a response beats the current policy.
+project contract: `policy_*`, `ref_*`, `prev_*`, `aux_*` are the summed response log-probs of the
+trained policy π, the reference π_ref, the previous iterate π_t and optimistic INPO's auxiliary
+policy π̂_{t−1}; `*_lengths` count response tokens; `*_win_rate` are estimated probabilities that a
+response beats the current policy. Pairwise losses read `*_chosen_*` / `*_rejected_*`; Nash-MD, a
+policy-gradient loss over single samples, reads `policy_logps` / `ref_logps` of a response sampled
+from π_t and `mixture_win_rate`, its estimated probability of beating an opponent sampled from the
+geometric mixture of π_t and π_ref (`nashalign.mixture`).
 
 Losses are computed in at least float32: bfloat16 numbers near 200 (a summed log-prob of a long response) are spaced
 by 1.0, and INPO's target 1/(2η) = 100 by 0.5, so doing the arithmetic in bfloat16 would swamp the
@@ -43,6 +47,11 @@ TENSOR_INPUTS: tuple[str, ...] = (
     "rejected_lengths",
     "chosen_win_rate",
     "rejected_win_rate",
+    "aux_chosen_logps",
+    "aux_rejected_logps",
+    "policy_logps",
+    "ref_logps",
+    "mixture_win_rate",
     "policy_chosen_given_rejected_logps",
     "policy_rejected_given_rejected_logps",
     "policy_chosen_given_chosen_logps",
@@ -96,16 +105,38 @@ def _check_beta(loss: str, beta: object) -> None:
         raise NashalignError(f"loss {loss!r}: hyperparameter 'beta' must be > 0, got {beta!r}")
 
 
-def _check_inpo(eta: object, tau: object) -> None:
-    eta_value = _check_real("inpo", "eta", eta)
-    tau_value = _check_real("inpo", "tau", tau)
+def _check_eta_tau(loss: str, eta: object, tau: object) -> None:
+    eta_value = _check_real(loss, "eta", eta)
+    tau_value = _check_real(loss, "tau", tau)
     if eta_value <= 0:
-        raise NashalignError(f"loss 'inpo': hyperparameter 'eta' must be > 0, got eta={eta!r}")
+        raise NashalignError(f"loss {loss!r}: hyperparameter 'eta' must be > 0, got eta={eta!r}")
     if not 0 <= tau_value / eta_value < 1:
         raise NashalignError(
-            f"loss 'inpo': hyperparameters 'tau' and 'eta' must satisfy 0 <= tau/eta < 1 "
+            f"loss {loss!r}: hyperparameters 'tau' and 'eta' must satisfy 0 <= tau/eta < 1 "
             f"(0 <= tau < eta), got tau={tau!r}, eta={eta!r}"
         )
+
+
+def _check_inpo(eta: object, tau: object) -> None:
+    _check_eta_tau("inpo", eta, tau)
+
+
+def _check_inpo_optimistic(eta: object, tau: object) -> None:
+    _check_eta_tau("inpo-optimistic", eta, tau)
+
+
+def _check_inpo_optimistic_aux(eta: object, tau: object) -> None:
+    _check_eta_tau("inpo-optimistic-aux", eta, tau)
+
+
+def _check_online_ipo(tau: object) -> None:
+    if _check_real("online-ipo", "tau", tau) <= 0:
+        raise NashalignError(f"loss 'online-ipo': hyperparameter 'tau' must be > 0, got {tau!r}")
+
+
+def _check_nash_md(tau: object) -> None:
+    if _check_real("nash-md", "tau", tau) < 0:
+        raise NashalignError(f"loss 'nash-md': hyperparameter 'tau' must be >= 0, got {tau!r}")
 
 
 def _check_dpo(beta: object, label_smoothing: object, robust: object) -> None:
@@ -184,6 +215,155 @@ def inpo(
     )
     h = policy_margin - ratio * ref_margin
     return (h - 1 / (2 * eta)) ** 2
+
+
+def _optimistic_margin(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    prev_chosen: Tensor,
+    prev_rejected: Tensor,
+    aux_chosen: Tensor,
+    aux_rejected: Tensor,
+    ratio: float,
+) -> Tensor:
+    """h = [π_c − π_r] − [π̂_c − π̂_r] − (τ/η)·([ref_c − ref_r] − [prev_c − prev_r]), written with
+    differences of log-probs of the same response (as in `inpo`) so that float32 stays exact."""
+    policy_margin = _log_ratio(policy_chosen, aux_chosen) - _log_ratio(policy_rejected, aux_rejected)
+    ref_margin = _log_ratio(ref_chosen, prev_chosen) - _log_ratio(ref_rejected, prev_rejected)
+    return policy_margin - ratio * ref_margin
+
+
+def inpo_optimistic(
+    *,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    prev_chosen_logps: Tensor,
+    prev_rejected_logps: Tensor,
+    aux_chosen_logps: Tensor,
+    aux_rejected_logps: Tensor,
+    eta: float,
+    tau: float,
+) -> Tensor:
+    """Optimistic INPO, the policy's loss (ONPO, Zhang et al. 2025, arXiv 2502.16852), per example.
+
+        h = [π_c − π_r] − [π̂_c − π̂_r] − (τ/η)·([ref_c − ref_r] − [prev_c − prev_r])
+        loss = (h − 1/η)²
+
+    on pairs sampled from the previous iterate π_t (`prev`) and labelled by the oracle, π̂ = `aux` the
+    auxiliary policy π̂_{t−1}. Trained together with `inpo_optimistic_aux` on the same pairs; see there
+    for the two updates, the convention for η and the first iteration. With exact expectations the
+    minimizer is π_{t+1} ∝ π̂_{t−1}·(π_ref/π_t)^(τ/η)·exp(2·P(y ≻ π_t)/η), which is the finite-game
+    step π_{t+1} ∝ π_t^(1−τ/η)·π_ref^(τ/η)·exp((2·P(y ≻ π_t) − P(y ≻ π_{t−1}))/η) of
+    `nashalign.tabular.inpo_optimistic_step` (tests/test_tabular.py checks this).
+    """
+    _check_inpo_optimistic(eta, tau)
+    h = _optimistic_margin(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        prev_chosen_logps,
+        prev_rejected_logps,
+        aux_chosen_logps,
+        aux_rejected_logps,
+        tau / eta,
+    )
+    return (h - 1 / eta) ** 2
+
+
+def inpo_optimistic_aux(
+    *,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    prev_chosen_logps: Tensor,
+    prev_rejected_logps: Tensor,
+    aux_chosen_logps: Tensor,
+    aux_rejected_logps: Tensor,
+    eta: float,
+    tau: float,
+) -> Tensor:
+    """Optimistic INPO, the auxiliary policy's loss, per example: the same h as `inpo_optimistic`
+    with `policy` the auxiliary model being trained (π̂_t), and target 1/(2η):
+
+        loss = (h − 1/(2η))²
+
+    ONPO's Algorithm 1 (optimistic online mirror descent with an auxiliary sequence) in INPO's
+    convention, where η is the KL weight of a step (1/η is the step size, so INPO's target is 1/(2η));
+    ONPO writes the step size itself as η (its target is η/2), i.e. η_ONPO = 1/η. With w_t = P(· ≻ π_t)
+    and r = τ/η, and exact expectations over pairs from π_t, the two losses give
+
+        π̂_t     ∝ π̂_{t−1}·(π_ref/π_t)^r·exp(w_t/η)        (this loss)
+        π_{t+1} ∝ π̂_{t−1}·(π_ref/π_t)^r·exp(2·w_t/η)      (`inpo_optimistic`) = π̂_t·exp(w_t/η)
+
+    which keeps π̂_t ∝ π_{t+1}·exp(−w_t/η), and so π_{t+1} ∝ π_t^(1−r)·π_ref^r·exp((2w_t − w_{t−1})/η).
+    With τ = 0 these are ONPO's two regressions (ONPO fits π_{t+1} against π̂_t, the form on the right;
+    both losses here read π̂_{t−1}, so they need no scoring under the freshly trained π̂_t and can run
+    side by side on the same scored pairs). First iteration: train π_1 with `inpo` and take π̂_0 = π_0
+    (= π_ref when the run starts at the reference); this is the finite game's w_{−1} = w_0.
+    """
+    _check_inpo_optimistic_aux(eta, tau)
+    h = _optimistic_margin(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        prev_chosen_logps,
+        prev_rejected_logps,
+        aux_chosen_logps,
+        aux_rejected_logps,
+        tau / eta,
+    )
+    return (h - 1 / (2 * eta)) ** 2
+
+
+def online_ipo(
+    *,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    tau: float,
+) -> Tensor:
+    """Online IPO (Calandriello et al. 2024), per example. All inputs (B,), returns (B,).
+
+        z = (π_c − ref_c) − (π_r − ref_r)      (summed log-probs)
+        loss = (z − 1/(2τ))²
+
+    The IPO loss with β = τ on pairs sampled from the current policy (stop-gradient) against a fixed
+    reference, and optimized by gradient steps on fresh samples: minimized to convergence on pairs from
+    π_t it gives the best response softmax(log π_ref + P(· ≻ π_t)/τ), which cycles on intransitive
+    preferences; a gradient step of size τ/(4η) on its expectation is `nashalign.tabular.online_ipo_step`,
+    whose fixed point is the regularized Nash policy (both checked in tests/test_tabular.py).
+    """
+    _check_online_ipo(tau)
+    z = _log_ratio(policy_chosen_logps, ref_chosen_logps) - _log_ratio(policy_rejected_logps, ref_rejected_logps)
+    return (z - 1 / (2 * tau)) ** 2
+
+
+def nash_md(*, policy_logps: Tensor, ref_logps: Tensor, mixture_win_rate: Tensor, tau: float) -> Tensor:
+    """Nash-MD policy-gradient loss (Munos et al. 2023, Nash-MD-PG), per example. Inputs (B,), returns (B,).
+
+        loss = −[(p̂ − ½) − τ·sg(π − ref)]·π
+
+    for a response y sampled from the current policy π_t, with π = log π(y), ref = log π_ref(y) summed
+    over its tokens, p̂ = `mixture_win_rate` the oracle's P(y ≻ y') (or a 0/1 label) against an
+    opponent y' sampled from the token-level geometric mixture μ ∝ π_t^(1−β)·π_ref^β (β = mixture_coef;
+    `nashalign.mixture.geometric_mixture_logprobs`), and sg the stop-gradient. Its expected gradient is
+    −∇[E_π P(y ≻ μ) − τ·KL(π‖π_ref)] (REINFORCE with the baseline ½). The value itself has no meaning;
+    only the gradient does. With β = τ/η, a natural-gradient step of size 1/η on its expectation is the
+    finite-game step `nashalign.tabular.nash_md_step`, π_{t+1} ∝ μ·exp(P(· ≻ μ)/η) (tests/test_tabular.py).
+    """
+    _check_nash_md(tau)
+    dtype = _compute_dtype(policy_logps)
+    log_policy = policy_logps.to(dtype)
+    advantage = (mixture_win_rate.to(dtype) - 0.5) - tau * (log_policy.detach() - ref_logps.to(dtype))
+    return -advantage * log_policy
 
 
 def dpo(
@@ -393,7 +573,17 @@ def with_sft(pairwise: Callable[..., Tensor], sft_weight: float) -> functools.pa
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
-    "inpo": inpo, "dpo": dpo, "ipo": ipo, "sppo": sppo, "srpo": srpo, "sparsepo": sparsepo, "sft": sft,
+    "inpo": inpo,
+    "dpo": dpo,
+    "ipo": ipo,
+    "sppo": sppo,
+    "srpo": srpo,
+    "sparsepo": sparsepo,
+    "sft": sft,
+    "inpo-optimistic": inpo_optimistic,
+    "inpo-optimistic-aux": inpo_optimistic_aux,
+    "online-ipo": online_ipo,
+    "nash-md": nash_md,
 }
 
 _CHECKS: dict[str, Callable[..., None]] = {
@@ -404,7 +594,14 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "srpo": _check_srpo,
     "sparsepo": _check_sparsepo,
     "sft": _check_sft,
+    "inpo-optimistic": _check_inpo_optimistic,
+    "inpo-optimistic-aux": _check_inpo_optimistic_aux,
+    "online-ipo": _check_online_ipo,
+    "nash-md": _check_nash_md,
 }
+
+WITHOUT_SFT = frozenset({"sft", "nash-md"})
+"""Losses that take no `sft_weight`: sft itself, and nash-md, which reads no chosen response."""
 
 
 def _hyperparameters(fn: Callable[..., Tensor]) -> dict[str, inspect.Parameter]:
@@ -416,13 +613,14 @@ def _hyperparameters(fn: Callable[..., Tensor]) -> dict[str, inspect.Parameter]:
 
 
 def loss_hyperparameters(name: str) -> tuple[str, ...]:
-    """The hyperparameters `make_loss(name, ...)` accepts (sft_weight for every pairwise loss).
+    """The hyperparameters `make_loss(name, ...)` accepts (sft_weight for every pairwise loss, i.e.
+    every loss outside WITHOUT_SFT).
 
     Lets a caller holding one flat loss config pass only the keys the chosen loss takes.
     """
     if name not in LOSSES:
         raise NashalignError(f"unknown loss {name!r}; expected one of {', '.join(sorted(LOSSES))}")
-    return (*_hyperparameters(LOSSES[name]), *(("sft_weight",) if name != "sft" else ()))
+    return (*_hyperparameters(LOSSES[name]), *(("sft_weight",) if name not in WITHOUT_SFT else ()))
 
 
 def make_loss(name: str, **hyperparameters: object) -> functools.partial:
@@ -434,7 +632,7 @@ def make_loss(name: str, **hyperparameters: object) -> functools.partial:
     """
     allowed_text = ", ".join(loss_hyperparameters(name)) or "none"
     fn = LOSSES[name]
-    sft_weight = hyperparameters.pop("sft_weight", 0.0) if name != "sft" else 0.0
+    sft_weight = hyperparameters.pop("sft_weight", 0.0) if name not in WITHOUT_SFT else 0.0
     allowed = _hyperparameters(fn)
     unknown = sorted(set(hyperparameters) - set(allowed))
     if unknown:

@@ -25,6 +25,14 @@ import numpy as np
 
 from nashalign import NashalignError
 from nashalign.config import ConfigFieldError
+from nashalign.models import (
+    ModelSpec,
+    is_local,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    release,
+)
 from nashalign.oracles import Oracle, check_template, parse_config, symmetrized, template_problem
 
 logger = logging.getLogger(__name__)
@@ -34,30 +42,52 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AT_LEAST_ONE = {"ge": 1}
 
 
-def _resolve_device(device: str) -> str:
-    import torch
+class ModelJudge(Oracle):
+    """An oracle backed by a transformers model that it holds only while judging.
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    `model` is a loaded model, or a ModelSpec: then its config is read now (cheap), the weights are
+    loaded on the first call, and `release()` drops them again (the online loop releases the judge
+    before scoring and training, so it never shares memory with the policy being trained; the next
+    judging stage loads it again). A loaded model passed in is kept: it cannot be reloaded.
+    """
+
+    def __init__(self, model, *, load, where: str) -> None:
+        super().__init__()
+        self._spec: ModelSpec | None = model if isinstance(model, ModelSpec) else None
+        self._model = None if self._spec is not None else model
+        self._load, self._where = load, where
+        if self._spec is not None:
+            self.model_config = _read_config(self._spec, where)
+        else:
+            self.model_config = model.config
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self._load(self._spec, where=self._where)
+            self._model.config.pad_token_id = self.model_config.pad_token_id
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def release(self) -> None:
+        if self._spec is not None and self._model is not None:
+            self._model = None
+            release()
 
 
-def _load(kind: str, path: str, device: str, dtype: str, where: str):
-    """(model, tokenizer) from a local directory or hub name; errors name the config key."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def _read_config(spec: ModelSpec, where: str):
+    from transformers import AutoConfig
 
-    location = str(Path(path).expanduser())
-    if path.startswith((".", "/", "~")) and not Path(location).is_dir():
-        raise NashalignError(f"{where}: path: no model directory {path!r}")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model_class = AutoModelForSequenceClassification if kind == "reward_model" else AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = model_class.from_pretrained(location, dtype=torch_dtype)
+        return AutoConfig.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     except (OSError, ValueError) as error:
-        raise NashalignError(f"{where}: path: cannot load a {kind} from {path!r}: {str(error).splitlines()[0]}") from None
-    return model.to(_resolve_device(device)).eval(), tokenizer
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise NashalignError(f"{where}: cannot load model {spec.name_or_path!r}: {first_line}") from None
 
 
 def _encode_tail(tokenizer, text: str, max_length: int, add_special_tokens: bool, text_pair: str | None = None):
@@ -84,8 +114,8 @@ def _padded_batches(sequences: list[list[int]], batch_size: int, pad_id: int, le
         yield rows, ids, mask
 
 
-def _pad_id(model, tokenizer) -> int:
-    for candidate in (model.config.pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
+def _pad_id(model_config, tokenizer) -> int:
+    for candidate in (model_config.pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
     return 0
@@ -101,9 +131,11 @@ class RewardModelConfig:
     max_length: int = dataclasses.field(default=2048, metadata=AT_LEAST_ONE)
     device: str = "auto"
     dtype: Dtype = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
 
 
-class RewardModelOracle(Oracle):
+class RewardModelOracle(ModelJudge):
     """P(a ≻ b) = σ(r(x, a) − r(x, b)), r the single logit of a sequence-classification model.
 
     Inputs are the tokenizer's chat template over [user: prompt, assistant: response] when it has
@@ -113,16 +145,17 @@ class RewardModelOracle(Oracle):
 
     name = "reward_model"
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int = 2048, memo_size: int = 100_000):
-        super().__init__()
-        num_labels = getattr(model.config, "num_labels", None)
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int = 2048, memo_size: int = 100_000,
+                 where: str = "reward_model"):
+        super().__init__(model, load=load_sequence_classifier, where=where)
+        num_labels = getattr(self.model_config, "num_labels", None)
         if num_labels != 1:
             raise NashalignError(f"reward_model: the model has num_labels={num_labels}; expected 1 (a scalar reward)")
-        self.model, self.tokenizer = model, tokenizer
+        self.tokenizer = tokenizer
         self.batch_size, self.max_length, self.memo_size = batch_size, max_length, memo_size
-        self.pad_id = _pad_id(model, tokenizer)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = self.pad_id
+        self.pad_id = _pad_id(self.model_config, tokenizer)
+        if self.model_config.pad_token_id is None:
+            self.model_config.pad_token_id = self.pad_id
         self._memo: OrderedDict[bytes, float] = OrderedDict()
 
     def _encode(self, prompt: str, response: str):
@@ -177,6 +210,8 @@ class PairModelConfig:
     max_length: int = dataclasses.field(default=2048, metadata=AT_LEAST_ONE)
     device: str = "auto"
     dtype: Dtype = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
     both_orders: bool = True
 
     def check(self) -> None:
@@ -187,7 +222,7 @@ class PairModelConfig:
             raise ConfigFieldError("labels", f"expected two different labels, got {self.labels}")
 
 
-class PairModelOracle(Oracle):
+class PairModelOracle(ModelJudge):
     """A causal-LM pairwise judge; q(a, b) = exp(ℓ_A) / (exp(ℓ_A) + exp(ℓ_B)) at the next token.
 
     Batches are left-padded with explicit position ids, so a row's answer does not depend on the
@@ -207,8 +242,9 @@ class PairModelOracle(Oracle):
         batch_size: int = 8,
         max_length: int = 2048,
         both_orders: bool = True,
+        where: str = "pair_model",
     ):
-        super().__init__()
+        super().__init__(model, load=load_causal_lm, where=where)
         self.template = check_template(template, {"prompt", "first", "second"}, "pair_model: template")
         if len(labels) != 2 or labels[0] == labels[1]:
             raise NashalignError(f"pair_model: labels: expected two different labels, got {list(labels)}")
@@ -220,10 +256,10 @@ class PairModelOracle(Oracle):
                     f"pair_model: labels: {label!r} is {len(ids)} tokens for this tokenizer; each label must be one token"
                 )
             self.label_ids.append(ids[0])
-        self.model, self.tokenizer = model, tokenizer
+        self.tokenizer = tokenizer
         self.use_chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
         self.batch_size, self.max_length, self.both_orders = batch_size, max_length, both_orders
-        self.pad_id = _pad_id(model, tokenizer)
+        self.pad_id = _pad_id(self.model_config, tokenizer)
 
     def _encode(self, prompt: str, first: str, second: str):
         text = self.template.format(prompt=prompt, first=first, second=second)
@@ -261,15 +297,30 @@ class PairModelOracle(Oracle):
         return symmetrized(self.judge, prompts, first, second, self.both_orders)
 
 
+def _judge_spec(config, where: str) -> ModelSpec:
+    """How the judge's model loads; a path-like name that is no directory is refused now."""
+    spec = ModelSpec(str(Path(config.path).expanduser()) if config.path.startswith("~") else config.path,
+                     revision=config.revision, dtype=config.dtype, device=config.device,
+                     trust_remote_code=config.trust_remote_code)
+    if config.path.startswith((".", "/", "~")) and not is_local(spec.name_or_path):
+        raise NashalignError(f"{where}: path: no model directory {config.path!r}")
+    return spec
+
+
 def build_reward_model(spec, where: str = "oracle") -> RewardModelOracle:
+    """A reward-model judge from its config mapping; its weights load when it first judges."""
     config = parse_config(RewardModelConfig, spec, where)
-    model, tokenizer = _load("reward_model", config.path, config.device, config.dtype, where)
-    return RewardModelOracle(model, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    model = _judge_spec(config, where)
+    tokenizer = load_tokenizer(model, where=f"{where}: path", pad_fallback=False)
+    return RewardModelOracle(model, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+                             where=f"{where}: path")
 
 
 def build_pair_model(spec, where: str = "oracle") -> PairModelOracle:
+    """A pairwise causal-LM judge from its config mapping; its weights load when it first judges."""
     config = parse_config(PairModelConfig, spec, where)
-    model, tokenizer = _load("pair_model", config.path, config.device, config.dtype, where)
+    model = _judge_spec(config, where)
+    tokenizer = load_tokenizer(model, where=f"{where}: path", pad_fallback=False)
     return PairModelOracle(
         model,
         tokenizer,
@@ -279,5 +330,5 @@ def build_pair_model(spec, where: str = "oracle") -> PairModelOracle:
         batch_size=config.batch_size,
         max_length=config.max_length,
         both_orders=config.both_orders,
+        where=f"{where}: path",
     )
-

@@ -6,15 +6,23 @@
     iter_<t>/judgments.jsonl     every oracle comparison made while building pairs
     iter_<t>/pair_stats.json     pairs kept / dropped, comparisons, judge calls
     iter_<t>/pairs.jsonl         (y_w, y_l) pairs; written last, so it marks the judging stage complete
-    iter_<t>/logps.safetensors   summed log-probs of every pair under π_ref and π_t
+    iter_<t>/logps.safetensors   summed log-probs of every pair under the reference (and π_t for inpo)
     iter_<t>/train/              the training phase (its own checkpoints/, metrics.jsonl, final/)
-    iter_<t>/summary.json        the iteration's summary row, written once π_{t+1} has been sampled
+    iter_<t>/summary.json        the iteration's summary row, written at the end of the iteration
+                                 (after π_{t+1} has sampled for the win rate, unless summary.win_rate
+                                 is false)
     iter_<T>/generations.jsonl   samples of the final policy on the last iteration's prompts (for the
                                  last summary row's win rate)
 
+Pairs are cut to data.max_length / data.max_prompt_length as offline training cuts them (counted in
+the summary row). Each phase's training config is derived from the online config by
+`online_config.phase_config(config, t)`, used by scoring and training alike.
+
 Each artifact is written atomically (nashalign.artifacts), and a stage whose artifact exists is
 skipped on restart; training resumes from its newest complete checkpoint. Every random draw is seeded
-from (run.seed, t), so a killed and rerun loop reaches the same weights as an uninterrupted one.
+from (run.seed, t), so a killed and rerun loop reaches the same weights as an uninterrupted one. A
+rerun with a larger run.iterations continues after the last finished iteration; any other change
+of the config is refused (online_config.config_change).
 
 Under `accelerate launch` every process runs this loop and the stages are split over the processes
 (nashalign.sharding): sampling by prompt, into one shard file per process that the main process
@@ -34,30 +42,32 @@ Algorithms (run.algorithm) differ in the loss, the reference and the default pai
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from nashalign import NashalignError
 from nashalign.artifacts import read_json, read_jsonl, write_json, write_jsonl
-from nashalign.config import (
-    ConfigFieldError,
-    DataConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    OutputConfig,
-    TrainConfig,
-    _field,
-    dump_config,
-    to_dict,
-    validated,
+from nashalign.config import TrainConfig, dump_config, validated
+from nashalign.data import TokenizedPair, TruncationReport, truncate_pairs
+from nashalign.models import load_tokenizer, release
+from nashalign.online_config import (
+    ALGORITHMS,
+    OnlineConfig,
+    PairSettings,
+    RunSettings,
+    SamplingSettings,
+    SummarySettings,
+    config_change,
+    pair_method,
+    phase_config,
+    policy_path,
+    run_directory,
+    stage_seed,
 )
-from nashalign.data import TokenizedPair
 from nashalign.prompts import (
     PromptsConfig,
     PromptSet,
@@ -67,75 +77,16 @@ from nashalign.prompts import (
     prompt_set,
     render_prompt,
 )
+from nashalign.sampling import Generation
 from nashalign.sharding import from_main, process_state, split_oracle
 
-__all__ = [  # the prompt helpers live in nashalign.prompts; re-exported for the loop's users
+__all__ = [  # the config lives in nashalign.online_config, the prompt helpers in nashalign.prompts
     "ALGORITHMS", "OnlineConfig", "OnlineResult", "PairSettings", "PromptsConfig", "RunSettings",
-    "SamplingSettings", "format_summary_table", "judge_text", "load_prompts", "prompt_file", "render_prompt",
-    "run_online", "tokenized_pairs",
+    "SamplingSettings", "SummarySettings", "format_summary_table", "judge_text", "load_prompts", "phase_config",
+    "prompt_file", "render_prompt", "run_online", "tokenized_pairs",
 ]
 
 logger = logging.getLogger(__name__)
-
-ALGORITHMS = {
-    # algorithm: (loss name, reference is the current iterate, default pair construction)
-    "inpo": ("inpo", False, "tournament"),
-    "iterative-dpo": ("dpo", True, "best_vs_worst"),
-    "sppo": ("sppo", True, "all_pairs"),
-}
-
-
-@dataclasses.dataclass
-class RunSettings:
-    name: str = _field("online", "run name: artifacts go to <dir>/<name>/")
-    dir: str = _field("runs", "parent directory of runs")
-    algorithm: Literal["inpo", "iterative-dpo", "sppo"] = _field("inpo", "which online algorithm")
-    iterations: int = _field(3, "T: online iterations (the paper uses 3)", ge=1)
-    seed: int = _field(0, "seed of sampling, pair decisions and training", ge=0)
-
-
-@dataclasses.dataclass
-class SamplingSettings:
-    backend: Literal["transformers", "vllm", "auto"] = _field("auto", "generation engine")
-    samples_per_prompt: int = _field(8, "K: responses sampled per prompt", ge=2)
-    max_new_tokens: int = _field(256, "response length limit in tokens", ge=1)
-    temperature: float = _field(1.0, "sampling temperature (0: greedy)", ge=0)
-    top_p: float = _field(1.0, "nucleus sampling mass", gt=0, le=1)
-    batch_size: int = _field(16, "rows per generate call (transformers backend)", ge=1)
-    tensor_parallel_size: int = _field(1, "GPUs per vLLM engine", ge=1)
-
-
-@dataclasses.dataclass
-class PairSettings:
-    method: Literal["auto", "tournament", "best_vs_worst", "all_pairs"] = _field(
-        "auto", "pair construction; auto: the algorithm's default"
-    )
-    decide: Literal["sample", "threshold"] = _field(
-        "sample", "a comparison's outcome: a Bernoulli(P) draw, or P > 1/2"
-    )
-    score: Literal["borda", "copeland"] = _field("borda", "best_vs_worst ranking with a pairwise oracle")
-
-
-@dataclasses.dataclass
-class OnlineConfig:
-    model: ModelConfig = _field(help="the initial policy π_0 (and π_ref unless ref_name_or_path is set)")
-    oracle: dict[str, Any] | None = _field(None, "the preference oracle: a mapping with a 'type' key")
-    run: RunSettings = _field(help="name, algorithm, iterations, seed", factory=RunSettings)
-    prompts: PromptsConfig = _field(help="the prompts the policy answers", factory=PromptsConfig)
-    sampling: SamplingSettings = _field(help="how responses are sampled", factory=SamplingSettings)
-    pairs: PairSettings = _field(help="how pairs are built from judgments", factory=PairSettings)
-    data: DataConfig = _field(help="token limits and scoring batch size", factory=DataConfig)
-    loss: LossConfig = _field(help="hyperparameters of the algorithm's loss", factory=LossConfig)
-    optim: OptimConfig = _field(help="the optimizer of each iteration's training phase", factory=OptimConfig)
-    output: OutputConfig = _field(help="checkpointing and logging of each training phase", factory=OutputConfig)
-
-    def check(self) -> None:
-        files = self.prompts.files
-        if files is not None and len(files) != self.run.iterations:
-            raise ConfigFieldError(
-                "prompts",
-                f"files: expected one file per iteration, {self.run.iterations} (run.iterations), got {len(files)}",
-            )
 
 
 @dataclasses.dataclass
@@ -187,7 +138,7 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
     # vLLM runs in one process only for now (run_online refuses backend "vllm" with several)
     backend = "transformers" if s.backend == "auto" and state.num_processes > 1 else s.backend
     sampler = make_sampler(
-        backend, policy_path, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        backend, config.model.spec(policy_path), tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
         top_p=s.top_p, batch_size=s.batch_size, seed=seed,
         tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto",
     )
@@ -195,10 +146,9 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
         sampler.model.to(state.device)  # this process's device (its own GPU under accelerate launch)
     groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
                               progress=progress and state.is_local_main_process)
-    if hasattr(sampler, "close"):
-        sampler.close()
+    release(sampler)  # a vLLM engine is shut down; the caller's stage ends with release()
     del sampler
-    gc.collect()
+    release()
     return [dataclasses.asdict(g) for group in groups for g in group]
 
 
@@ -220,12 +170,12 @@ def _judge(it: Path, oracle, judge_prompts: list[str], groups, config: OnlineCon
     if not from_main(state, pairs_path.exists):
         from nashalign.pairs import make_pairs
 
-        loss_name, _, default_method = ALGORITHMS[config.run.algorithm]
-        method = default_method if config.pairs.method == "auto" else config.pairs.method
+        loss_name, _, _ = ALGORITHMS[config.run.algorithm]
+        method = pair_method(config)
         calls_before = oracle.counts.judge_calls
         result = make_pairs(
             method, oracle, judge_prompts, [[g["text"] for g in group] for group in groups],
-            decide=config.pairs.decide, rng=np.random.default_rng(_seed(config.run.seed, t, 1)),
+            decide=config.pairs.decide, rng=np.random.default_rng(stage_seed(config.run.seed, t, 1)),
             score=config.pairs.score, win_rates=loss_name == "sppo",
         )
         stats = {**result.stats.as_dict(), "method": method,
@@ -240,10 +190,11 @@ def _judge(it: Path, oracle, judge_prompts: list[str], groups, config: OnlineCon
 
 def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_id: int) -> list[TokenizedPair]:
     """Pairs as token ids exactly as sampled (no re-tokenization): a response that stopped ends with
-    one EOS, a response cut by max_new_tokens ends where it was cut."""
+    the EOS id that stopped it (`eos_id` only for generations recorded without one), a response cut
+    by max_new_tokens ends where it was cut."""
 
     def response(sample: dict) -> list[int]:
-        return list(sample["token_ids"]) + ([eos_id] if sample["finish_reason"] == "stop" else [])
+        return Generation.from_row(sample, eos_id).response_ids
 
     out = []
     for pair in pairs:
@@ -256,9 +207,9 @@ def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_
     return out
 
 
-def _score(it: Path, pairs: list[TokenizedPair], policy_path: str, ref_path: str, config: OnlineConfig, tokenizer,
-           state):
-    """Stage 3: summed log-probs of every pair under π_ref and π_t → logps.safetensors.
+def _score(it: Path, pairs: list[TokenizedPair], phase: TrainConfig, tokenizer, state):
+    """Stage 3: summed log-probs of every pair under the phase's reference (and π_t for inpo) →
+    logps.safetensors, keys ref_chosen, ref_rejected (+ prev_chosen, prev_rejected).
 
     Through nashalign.train.reference_logps and the run's log-prob cache: with several processes
     each scores every N-th pair and the main process writes the cache (accelerate's PartialState
@@ -270,132 +221,129 @@ def _score(it: Path, pairs: list[TokenizedPair], policy_path: str, ref_path: str
         from nashalign.artifacts import atomic_write_bytes
         from nashalign.train import reference_logps
 
-        _, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
-        scoring = TrainConfig(  # the roles reference_logps scores for inpo: ref and prev (one model if equal)
-            model=dataclasses.replace(config.model, ref_name_or_path=policy_path if ref_is_current else ref_path,
-                                      prev_name_or_path=policy_path),
-            data=config.data, loss=dataclasses.replace(config.loss, name="inpo"),
-        )
-        scored = reference_logps(None, pairs, scoring, Path(config.run.dir) / config.run.name / "logp_cache",
-                                 tokenizer.pad_token_id, state.device, accelerator=state)
-        roles = ("prev",) if ref_is_current else ("ref", "prev")
+        scored = reference_logps(None, pairs, phase, Path(phase.data.cache_dir), tokenizer.pad_token_id, state.device,
+                                 accelerator=state)
         # clone: ref and prev are one tensor when one model scored both, and safetensors stores no shared memory
-        tensors = {f"{role}_{side}": scored[role][side].float().clone().contiguous()
-                   for role in roles for side in ("chosen", "rejected")}
+        tensors = {f"{role}_{side}": logps[side].float().clone().contiguous()
+                   for role, logps in sorted(scored.items()) for side in ("chosen", "rejected")}
         if state.is_main_process:
             atomic_write_bytes(path, save(tensors))
         state.wait_for_everyone()
     return load_file(path)
 
 
-def _train(it: Path, pairs, logps, policy_path: str, config: OnlineConfig, tokenizer, t: int, state) -> Path:
+def _train(it: Path, pairs, logps, phase: TrainConfig, tokenizer, state) -> Path:
     """Stage 4: one training phase from π_t on the pairs → π_{t+1} at iter_<t>/train/final."""
     from nashalign.train import train_pairs
 
     final = it / "train" / "final"
     if from_main(state, final.exists):
         return final
-    loss_name, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
-    train_config = TrainConfig(
-        model=dataclasses.replace(config.model, name_or_path=policy_path, ref_name_or_path=None, prev_name_or_path=None),
-        data=config.data,
-        loss=dataclasses.replace(config.loss, name=loss_name),
-        optim=dataclasses.replace(config.optim, seed=_seed(config.run.seed, t, 2) % 2**31),
-        output=dataclasses.replace(config.output, dir=str(it / "train")),
-    )
-    prev = {"chosen": logps["prev_chosen"], "rejected": logps["prev_rejected"]}
-    if ref_is_current:
-        ref, prev_arg = prev, None
-    else:
-        ref, prev_arg = {"chosen": logps["ref_chosen"], "rejected": logps["ref_rejected"]}, prev
-    result = train_pairs(
-        policy_path, pairs, train_config, it / "train", tokenizer=tokenizer, ref_logps=ref, prev_logps=prev_arg,
-    )
+    ref = {"chosen": logps["ref_chosen"], "rejected": logps["ref_rejected"]}
+    prev = {"chosen": logps["prev_chosen"], "rejected": logps["prev_rejected"]} if "prev_chosen" in logps else None
+    result = train_pairs(phase.model.name_or_path, pairs, phase, it / "train", tokenizer=tokenizer, ref_logps=ref,
+                         prev_logps=prev)
     return result.final_dir
 
 
-def _summary(it: Path, t: int, groups, next_groups, oracle, judge_prompts, stats, state) -> dict[str, Any]:
-    """The iteration's summary row; the win rate of π_{t+1} over π_t pairs sample j of each prompt
-    under π_{t+1} with sample j under π_t, judged by the oracle (P, not a draw)."""
-    path = it / "summary.json"
-    if from_main(state, path.exists):
-        return read_json(path)
+def _win_rate(run_dir: Path, t: int, current: PromptSet, groups, oracle, config: OnlineConfig, tokenizer, state,
+              progress: bool) -> tuple[float, int]:
+    """The win rate of π_{t+1} over π_t and the comparisons it took: sample j of each prompt under
+    π_{t+1} against sample j under π_t, judged by the oracle (P, not a draw), averaged.
+
+    π_{t+1}'s samples are iteration t+1's (iter_<t+1>/generations.jsonl, which that iteration
+    then uses) when it answers the same prompts, else iter_<t>/next_generations.jsonl."""
+    following = run_dir / f"iter_{t + 1}"
+    if prompt_file(config.prompts, t + 1) == current.file:
+        following.mkdir(exist_ok=True)
+        path, seed = following / "generations.jsonl", stage_seed(config.run.seed, t + 1, 0)
+    else:
+        path, seed = run_dir / f"iter_{t}" / "next_generations.jsonl", stage_seed(config.run.seed, t, 3)
+    next_groups = _generate(path, policy_path(config, t + 1), tokenizer, current.rendered, config, seed, state,
+                            progress)
     first = [g["text"] for group in next_groups for g in group]
     second = [g["text"] for group in groups for g in group]
-    prompts = [judge_prompts[p] for p, group in enumerate(groups) for _ in group]
-    calls_before = oracle.counts.judge_calls
-    probs = oracle.prob(prompts, first, second)
+    prompts = [current.judge[p] for p, group in enumerate(groups) for _ in group]
+    return float(np.mean(oracle.prob(prompts, first, second))), len(first)
+
+
+def _summary_row(it: Path, t: int, groups, stats: dict, truncation: TruncationReport, win_rate: float | None,
+                 win_rate_comparisons: int, win_rate_calls: int) -> dict[str, Any]:
     metrics_file = it / "train" / "metrics.jsonl"
     last = read_jsonl(metrics_file)[-1] if metrics_file.exists() else {}
     lengths = [len(g["token_ids"]) for group in groups for g in group]
-    row = {
+    return {
         "iteration": t,
         "prompts": len(groups),
         "pairs_kept": stats["kept"],
         "ties_dropped": stats.get("dropped_tie", 0),
         "pairs_dropped": stats["dropped"],
+        "truncated_prompts": truncation.truncated_prompts,
+        "truncated_responses": truncation.truncated_responses,
         "mean_response_length": float(np.mean(lengths)),
-        "judge_calls": stats["judge_calls"] + oracle.counts.judge_calls - calls_before,
+        "comparisons": stats["comparisons"] + win_rate_comparisons,
+        "judge_calls": stats["judge_calls"] + win_rate_calls,
         "loss": last.get("loss"),
-        "win_rate_next_vs_current": float(np.mean(probs)),
+        "win_rate_next_vs_current": win_rate,
+        "win_rate_comparisons": win_rate_comparisons,
     }
-    if state.is_main_process:
-        write_json(path, row)
-    return row
-
-
-def _seed(seed: int, t: int, stage: int) -> int:
-    return int(np.random.SeedSequence([seed, t, stage]).generate_state(1, dtype=np.uint32)[0])
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def _run_dir_problem(run_dir: Path, config: OnlineConfig) -> str | None:
-    """A run directory belongs to one config: resuming with another would mix artifacts. Saves the
-    config in a new run directory."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        dump_config(config, saved)
-        return None
+def _open_run_dir(run_dir: Path, config: OnlineConfig) -> str | None:
+    """A run directory belongs to one config: continuing it with another would mix artifacts. A new
+    run directory gets the config saved; a larger run.iterations extends a run (the saved config is
+    updated). Returns the problem, or None."""
     import yaml
 
-    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(to_dict(config), sort_keys=False)):
-        return (f"{saved}: this run directory was made with a different config; use another run.name "
-                "(or delete the directory to start over)")
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        previous = yaml.safe_load(saved.read_text())
+        change = config_change(previous, config)
+        if change is not None:
+            return (f"{saved}: this run directory was made with a different config ({change}); use another "
+                    "run.name (or delete the directory to start over)")
+        finished = previous["run"]["iterations"]
+        if finished == config.run.iterations:
+            return None
+        # iter_<T>/generations.jsonl holds π_T's samples of the last prompts file, for the last summary
+        # row; with prompts.files, iteration T of the extended run answers the next file instead.
+        if prompt_file(config.prompts, finished - 1) != prompt_file(config.prompts, finished):
+            stale = run_dir / f"iter_{finished}"
+            for path in [stale / "generations.jsonl", *stale.glob("generations.shard-*.jsonl")]:
+                path.unlink(missing_ok=True)
+    dump_config(config, saved)
     return None
 
 
 def run_online(
     config: OnlineConfig, *, oracle=None, on_iteration=None, progress: bool = True
 ) -> OnlineResult:
-    """Run (or resume) the online loop. `oracle` overrides `config.oracle` (a Python object);
+    """Run, resume or extend the online loop. `oracle` overrides `config.oracle` (a Python object);
     `on_iteration(t, summary_row, policy_path)` is called as each iteration's summary completes
-    (on every process).
+    (on every process), with the path of π_{t+1}.
 
     Under `accelerate launch` every process calls this with the same config (and an equal `oracle`
     object, if any) and gets the same result; the process group stays initialized for the caller
     (the CLI destroys it). `progress`: progress bars, on the local main process only.
     """
-    from nashalign.train import load_tokenizer
-
     config = validated(config)
     state = process_state()
-    if config.run.algorithm not in ALGORITHMS:
-        raise NashalignError(f"run.algorithm: expected one of {', '.join(ALGORITHMS)}, got {config.run.algorithm!r}")
     if config.sampling.backend == "vllm" and state.num_processes > 1:
         raise NashalignError(
             f"sampling.backend: 'vllm' is not supported with several processes yet ({state.num_processes} "
             "launched); use 'transformers', or 'auto', which samples with transformers then"
         )
     oracle = split_oracle(oracle, config.oracle, state)
-    run_dir = Path(config.run.dir) / config.run.name
+    run_dir = run_directory(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    problem = from_main(state, lambda: _run_dir_problem(run_dir, config))
+    problem = from_main(state, lambda: _open_run_dir(run_dir, config))
     if problem is not None:
         raise NashalignError(problem)
 
-    tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path, config.model)
+    tokenizer = load_tokenizer(config.model.tokenizer_spec(), where="model")
     prompt_sets: dict[str, PromptSet] = {}
 
     def prompts_of(t: int) -> PromptSet:
@@ -404,59 +352,75 @@ def run_online(
             prompt_sets[file] = prompt_set(config.prompts, t, tokenizer)
         return prompt_sets[file]
 
-    ref_path = config.model.ref_name_or_path or config.model.name_or_path
-    policy_path = config.model.name_or_path
     summaries: list[dict[str, Any]] = []
-    previous = None  # (iteration dir, prompts, groups, pair stats) of t − 1, whose summary needs π_t's samples
-
-    for t in range(config.run.iterations + 1):
+    for t in range(config.run.iterations):
         it = run_dir / f"iter_{t}"
         it.mkdir(exist_ok=True)
+        phase = phase_config(config, t)
         current = prompts_of(t)
-        groups = _generate(it / "generations.jsonl", str(policy_path), tokenizer, current.rendered, config,
-                           _seed(config.run.seed, t, 0), state, progress)
-        if previous is not None:
-            before, before_prompts, before_groups, before_stats = previous
-            next_groups = groups if before_prompts.file == current.file else _generate(
-                before / "next_generations.jsonl", str(policy_path), tokenizer, before_prompts.rendered, config,
-                _seed(config.run.seed, t - 1, 3), state, progress,
-            )
-            row = _summary(before, t - 1, before_groups, next_groups, oracle, before_prompts.judge, before_stats, state)
-            summaries.append(row)
-            if state.is_main_process:
-                _log_summary(row)
-            if on_iteration is not None:
-                on_iteration(t - 1, row, policy_path)
-        if t == config.run.iterations:
-            break
+        groups = _generate(it / "generations.jsonl", phase.model.name_or_path, tokenizer, current.rendered, config,
+                           stage_seed(config.run.seed, t, 0), state, progress)
         pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
+        release(oracle)  # judging is over: the judge's model leaves memory before scoring and training
         if not pairs:
             raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
-        tokenized = tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id)
-        logps = _score(it, tokenized, str(policy_path), str(ref_path), config, tokenizer, state)
-        policy_path = _train(it, tokenized, logps, str(policy_path), config, tokenizer, t, state)
-        previous = (it, current, groups, stats)
+        tokenized, truncation = truncate_pairs(
+            tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id), max_length=config.data.max_length,
+            max_prompt_length=config.data.max_prompt_length, bos_id=tokenizer.bos_token_id,
+        )
+        if truncation.truncated_prompts or truncation.truncated_responses or truncation.dropped:
+            logger.warning("iteration %d: data.max_length / data.max_prompt_length: %s", t, truncation.summary())
+        logps = _score(it, tokenized, phase, tokenizer, state)
+        final = _train(it, tokenized, logps, phase, tokenizer, state)
+        release()  # the trained policy is on disk; its memory returns before the next sampling
+
+        if from_main(state, (it / "summary.json").exists):
+            row = read_json(it / "summary.json")
+        else:
+            calls_before = oracle.counts.judge_calls
+            win_rate, comparisons = None, 0
+            if config.summary.win_rate:
+                win_rate, comparisons = _win_rate(run_dir, t, current, groups, oracle, config, tokenizer, state,
+                                                  progress)
+                release(oracle)  # the judge's model is not kept through the next iteration's sampling
+            row = _summary_row(it, t, groups, stats, truncation, win_rate, comparisons,
+                               oracle.counts.judge_calls - calls_before)
+            if state.is_main_process:
+                write_json(it / "summary.json", row)
+        summaries.append(row)
+        if state.is_main_process:
+            _log_summary(row)
+        if on_iteration is not None:
+            on_iteration(t, row, final)
     state.wait_for_everyone()  # no process returns before the main process has written everything
-    return OnlineResult(run_dir, Path(policy_path), summaries)
+    return OnlineResult(run_dir, Path(policy_path(config, config.run.iterations)), summaries)
 
 
 def _log_summary(row: dict[str, Any]) -> None:
-    loss = row["loss"]
+    loss, win_rate = row["loss"], row["win_rate_next_vs_current"]
     logger.info(
-        "iteration %d: %d prompts, %d pairs kept (%d ties dropped), mean length %.1f, %d judge calls, "
-        "loss %s, win rate of π_{t+1} over π_t %.3f",
+        "iteration %d: %d prompts, %d pairs kept (%d ties dropped), mean length %.1f, %d comparisons, "
+        "%d judge calls, loss %s, %s",
         row["iteration"], row["prompts"], row["pairs_kept"], row["ties_dropped"], row["mean_response_length"],
-        row["judge_calls"], "n/a" if loss is None else f"{loss:.4g}", row["win_rate_next_vs_current"],
+        row["comparisons"], row["judge_calls"], "n/a" if loss is None else f"{loss:.4g}",
+        "win rate not measured (summary.win_rate: false)" if win_rate is None
+        else f"win rate of π_{{t+1}} over π_t {win_rate:.3f}",
     )
 
 
 def format_summary_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The per-iteration summary rows as a fixed-width text table."""
+    """The per-iteration summary rows as a fixed-width text table ("off": win rate not measured)."""
     columns = ["iteration", "prompts", "pairs_kept", "ties_dropped", "mean_response_length", "judge_calls",
                "loss", "win_rate_next_vs_current"]
     header = ["iter", "prompts", "pairs", "ties", "mean len", "judge calls", "loss", "win(t+1 vs t)"]
-    cells = [[("-" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r[c]))
-              for c in columns] for r in rows]
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column)
+        if value is None:
+            return "off" if column == "win_rate_next_vs_current" and row.get("win_rate_comparisons") == 0 else "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(r, c) for c in columns] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]

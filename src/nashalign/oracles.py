@@ -40,6 +40,7 @@ import numpy as np
 from nashalign import NashalignError
 from nashalign.config import ConfigFieldError, from_mapping
 from nashalign.games import load_game, validate_game
+from nashalign.json_input import load_json
 
 
 @dataclasses.dataclass
@@ -157,6 +158,10 @@ class Oracle:
 
     def _prob(self, prompts: list[str], first: list[str], second: list[str]) -> np.ndarray:
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Free the memory of models held for judging (they load again on the next call); the online
+        loop calls this when a judging stage ends. Nothing to free for most oracles."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -314,7 +319,7 @@ def read_labels(path: str | Path) -> dict[str, list[tuple[int, float | None]]]:
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                record = load_json(text, path, line)
             except json.JSONDecodeError as error:
                 raise NashalignError(f"{path}:{line}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):

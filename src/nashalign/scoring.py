@@ -10,7 +10,6 @@ split over them and only the main process writes the cache.
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
@@ -19,40 +18,21 @@ import torch
 from nashalign import NashalignError
 from nashalign.config import ModelConfig, TrainConfig
 from nashalign.data import TokenizedPair, collate_pairs
+from nashalign.models import load_causal_lm, release
+from nashalign.models import load_tokenizer as _load_tokenizer
 from nashalign.packing import pack_pairs
 
 logger = logging.getLogger(__name__)
 
 
 def load_model(name_or_path: str | Path, model_config: ModelConfig):
-    """A causal LM from a local directory or a hub name (HF_HUB_OFFLINE is honoured by transformers)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(name_or_path),
-            dtype=getattr(torch, model_config.dtype),
-            trust_remote_code=model_config.trust_remote_code,
-        )
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise NashalignError(f"cannot load model {str(name_or_path)!r}: {first_line}") from None
+    """A causal LM (local directory or hub id) with the model section's dtype, revision and trust."""
+    return load_causal_lm(model_config.spec(str(name_or_path)), where="model")
 
 
 def load_tokenizer(name_or_path: str | Path, model_config: ModelConfig):
-    """The tokenizer of a local directory or hub name; a missing pad token becomes the EOS token."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(name_or_path), trust_remote_code=model_config.trust_remote_code
-        )
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise NashalignError(f"cannot load tokenizer {str(name_or_path)!r}: {first_line}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """The tokenizer of a local directory or hub id; a missing pad token becomes the EOS token."""
+    return _load_tokenizer(model_config.spec(str(name_or_path)), where="model.tokenizer_name_or_path")
 
 
 def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Path, pad_id: int, device,
@@ -126,7 +106,7 @@ def reference_logps(policy, pairs, config: TrainConfig, cache_dir: Path, pad_id:
             model = load_model(source, config.model)
             results[role] = by_source[source] = _score(model, pairs, config, cache_dir, pad_id, device, accelerator)
             del model
-            gc.collect()
+            release()
     for role, logps in results.items():
         for side in ("chosen", "rejected"):
             if tuple(logps[side].shape) != (len(pairs),):

@@ -81,6 +81,12 @@ class SplitOracle:
         if from_main(state, lambda: callable(getattr(oracle, "score", None))):
             self.score = functools.partial(self._ask, "score")
 
+    def release(self) -> None:
+        """Free this process's judge model (if the oracle holds one); see Oracle.release."""
+        release = getattr(self.oracle, "release", None)
+        if callable(release):
+            release()
+
     def prob(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> np.ndarray:
         """(B,) float64: P(first[i] ≻ second[i] | prompts[i]), answered across the processes."""
         return self._ask("prob", prompts, first, second)

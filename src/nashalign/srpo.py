@@ -80,9 +80,10 @@ def _escape(text: str) -> str:
 
 
 def _response_text(tokenizer, ids: Sequence[int]) -> str:
-    """A response's text as a generation reports it: decoded without its final EOS."""
+    """A response's text as a generation reports it: decoded without its final stop token (the EOS,
+    or any special token the policy stops on, e.g. an end-of-turn token)."""
     ids = list(ids)
-    if ids and ids[-1] == tokenizer.eos_token_id:
+    if ids and (ids[-1] == tokenizer.eos_token_id or ids[-1] in set(tokenizer.all_special_ids)):
         ids = ids[:-1]
     return tokenizer.decode(ids)
 

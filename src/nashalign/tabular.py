@@ -7,8 +7,10 @@ Every algorithm is a step function with one signature,
 over normalized log-policies (log π_t, log π_{t−1}; a leading batch of games is allowed: P (G, n, n),
 the rest (G, n)). Log-policies rather than policies keep the iterates finite when a probability
 underflows (SPPO and iterative DPO drive some to exp(−1000)). `run_algorithm` starts at π_0 = ref,
-applies the step for `iterations` steps with the step schedule η_t, and records the exact duality gap
-of every iterate π_0 … π_T (`nashalign.games.duality_gap`).
+applies the step for `iterations` steps with the step schedule η_t, and records two exact duality
+gaps of every iterate π_0 … π_T: the gap of the KL-regularized game (`nashalign.games.duality_gap`,
+0 at the regularized Nash policy, what INPO converges to) and the unregularized gap DG₀
+(`nashalign.games.unregularized_gap`, 0 at a Nash policy of the preference itself).
 
 Arithmetic is numpy float64 throughout, except `fit_inpo`: the real algorithm must minimize the
 project's own loss, `nashalign.losses.inpo`, which is a torch function, and its gradients come from
@@ -27,6 +29,7 @@ and r = τ/η, the algorithms are (all normalized by softmax):
     online-ipo       θ_{t+1} = θ_t + (1/η)·π_t ⊙ [(w_t − ½) − τ·(g − E_π_t g)],  g = log π_t − log ρ
     nash-md          μ_t ∝ π_t^(1−r)·ρ^r;   log π_{t+1} = log μ_t + P(y ≻ μ_t)/η
     sppo             log π_{t+1} = log π_t + (w_t − ½)/η
+    comal            mirror-prox INPO steps against an anchor ρ_k, refreshed ρ_{k+1} = π_t (below)
 
 Parameterizations of the baselines, chosen so that one η means one step size for every algorithm:
 
@@ -48,6 +51,25 @@ Parameterizations of the baselines, chosen so that one η means one step size fo
 - SPPO (Wu et al. 2024): π_{t+1} ∝ π_t·exp(η_SPPO·P(y ≻ π_t)) with η_SPPO = 1/η, in exact expectation
   (the published closed form); it has no τ and aims at the unregularized game.
 
+- COMAL (Liu et al. 2024, "A Convergent Meta-Algorithm for Aligning LLMs with General
+  Preferences"): a proximal-point outer loop. Each inner game is the regularized game with the anchor
+  ρ_k in place of ρ; its Nash policy is the next anchor. As k grows the anchors converge to a Nash
+  policy of the unregularized game, where INPO alone stops at the regularized Nash policy (DG₀ ≈ 0.1
+  at τ = 0.1). The anchor is refreshed, ρ_{k+1} = π_t, every `refresh_every` steps (default 20),
+  and, if `refresh_tolerance` > 0, also as soon as the inner game's regularized gap is ≤ it. The inner
+  method is mirror prox (extragradient in the KL geometry): an INPO step from π_t to an extrapolated
+  π_{t+½} and the INPO step from π_t driven by P(y ≻ π_{t+½}),
+
+      log π_{t+½} = (1 − r)·log π_t + r·log ρ_k + w_t/η
+      log π_{t+1} = (1 − r)·log π_t + r·log ρ_k + P(y ≻ π_{t+½})/η
+
+  so one iteration evaluates the win rates twice. Extragradient steps converge on every monotone
+  game with a small enough step 1/η, where plain INPO steps can keep oscillating on an inner game
+  whose anchor has become nearly deterministic, and optimistic steps need a smaller step than mirror
+  prox (both seen in trials on the games of docs/games.md). The regularized gap
+  `duality_gap` reported for comal is still the gap of the game regularized towards the original ρ,
+  which is not 0 at the unregularized Nash policy.
+
 Step schedules: `fixed` (η_t = η) or `theory`, η_t = τ(t + 2)/2 from INPO's convergence theorem. The
 paper numbers iterates from π_1 = ρ, so the first step uses t = 1 (η = 3τ/2, τ/η = 2/3) and τ/η_t =
 2/(t + 2) < 1 throughout, as the INPO loss requires; under `theory`, `eta` is not used.
@@ -55,6 +77,7 @@ paper numbers iterates from π_1 = ρ, so the first step uses t = 1 (η = 3τ/2,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +86,7 @@ import numpy as np
 import torch
 
 from nashalign import NashalignError
-from nashalign.games import duality_gap, log_softmax
+from nashalign.games import duality_gap, log_softmax, logsumexp, unregularized_gap
 from nashalign.losses import inpo as inpo_loss
 
 SCHEDULES = ("fixed", "theory")
@@ -98,66 +121,65 @@ def sample_pairs(
     return np.where(first_wins, first, second), np.where(first_wins, second, first)
 
 
-def fit_inpo(
-    log_ref: np.ndarray,
-    log_previous: np.ndarray,
+def fit_pair_loss(
+    loss: Callable[..., torch.Tensor],
+    log_models: dict[str, np.ndarray],
+    log_start: np.ndarray,
     chosen: np.ndarray,
     rejected: np.ndarray,
     weights: np.ndarray,
     *,
-    tau: float,
-    eta: float,
     max_steps: int | None = None,
 ) -> np.ndarray:
-    """Minimize Σ_i weights_i·INPO_loss(pair i) over the logits θ, from θ = log π_t; returns log π_θ.
+    """Minimize Σ_i weights_i·loss(pair i) over the logits θ, from θ = log_start; returns log π_θ.
 
-    Shapes: log_ref, log_previous (..., n); chosen, rejected (int) and weights (..., B). The loss is
-    `nashalign.losses.inpo` on the log-probs log_softmax(θ) gathered at the pairs, exactly what the
-    language-model trainer minimizes, and its gradient and curvature come from torch autograd.
+    `loss` is a bound pairwise loss of `nashalign.losses` whose log-prob inputs other than the
+    policy's come from `log_models`: {"ref": log π_ref, "prev": log π_t, "aux": log π̂, ...}, each
+    (..., n), gathered at the pairs as `<model>_chosen_logps` / `<model>_rejected_logps`. Shapes:
+    log_start (..., n); chosen, rejected (int) and weights (..., B). The policy's log-probs are
+    log_softmax(θ) gathered at the pairs, exactly what the language-model trainer feeds the loss, and
+    the gradient and curvature come from torch autograd.
 
-    Optimizer: conjugate gradients on θ with an exact line search, batched over games. h is linear
-    in θ (the log-normalizer cancels in chosen − rejected), so the objective is a convex quadratic and
-    the exact step along a direction d is −gᵀd / dᵀHd, with Hd from autograd (double backward).
-    Conjugate gradients then reach the minimizer in at most n steps per game (we allow 4n + 10 for
-    rounding and stop at a relative gradient of 1e-12). Fixed-rate methods (SGD, Adam) would need
-    thousands of steps, because the curvature along a logit is proportional to how often π_t samples
-    that response; torch's L-BFGS shares one line search across the batch of independent games and
-    stalls near 1e-5. The loop is hand-written for these two reasons. Logits of responses that appear
-    in no pair get no gradient and keep their value, like an unsampled response of a language model.
+    Optimizer: conjugate gradients on θ with an exact line search, batched over games. For the squared
+    losses (inpo, inpo-optimistic, online-ipo, ipo) the margin is linear in θ (the log-normalizer
+    cancels in chosen − rejected), so the objective is a convex quadratic and the exact step along a
+    direction d is −gᵀd / dᵀHd, with Hd from autograd (double backward). Conjugate gradients then
+    reach the minimizer in at most n steps per game (we allow 4n + 10 for rounding and stop at a
+    relative gradient of 1e-12). Fixed-rate methods (SGD, Adam) would need thousands of steps, because
+    the curvature along a logit is proportional to how often π_t samples that response; torch's L-BFGS
+    shares one line search across the batch of independent games and stalls near 1e-5. The loop is
+    hand-written for these two reasons. Logits of responses that appear in no pair get no gradient and
+    keep their value, like an unsampled response of a language model.
     """
-    batch = log_previous.shape[:-1]
-    n = log_previous.shape[-1]
-    prev = torch.tensor(log_previous.reshape(-1, n))
-    ref = torch.tensor(np.broadcast_to(log_ref, log_previous.shape).reshape(-1, n))
-    chosen_t = torch.as_tensor(np.ascontiguousarray(chosen).reshape(len(prev), -1))
-    rejected_t = torch.as_tensor(np.ascontiguousarray(rejected).reshape(len(prev), -1))
-    weights_t = torch.tensor(np.asarray(weights, dtype=np.float64).reshape(len(prev), -1))
-    constant = {
-        "ref_chosen_logps": ref.gather(1, chosen_t).reshape(-1),
-        "ref_rejected_logps": ref.gather(1, rejected_t).reshape(-1),
-        "prev_chosen_logps": prev.gather(1, chosen_t).reshape(-1),
-        "prev_rejected_logps": prev.gather(1, rejected_t).reshape(-1),
-    }
+    batch = log_start.shape[:-1]
+    n = log_start.shape[-1]
+    start = torch.tensor(log_start.reshape(-1, n))
+    chosen_t = torch.as_tensor(np.ascontiguousarray(chosen).reshape(len(start), -1))
+    rejected_t = torch.as_tensor(np.ascontiguousarray(rejected).reshape(len(start), -1))
+    weights_t = torch.tensor(np.asarray(weights, dtype=np.float64).reshape(len(start), -1))
+    constant = {}
+    for model, log_policy in log_models.items():
+        table = torch.tensor(np.broadcast_to(log_policy, log_start.shape).reshape(-1, n))
+        constant[f"{model}_chosen_logps"] = table.gather(1, chosen_t).reshape(-1)
+        constant[f"{model}_rejected_logps"] = table.gather(1, rejected_t).reshape(-1)
 
     def gradient(logits: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         log_policy = torch.log_softmax(logits, dim=-1)
-        losses = inpo_loss(
+        losses = loss(
             policy_chosen_logps=log_policy.gather(1, chosen_t).reshape(-1),
             policy_rejected_logps=log_policy.gather(1, rejected_t).reshape(-1),
             **constant,
-            eta=eta,
-            tau=tau,
         )
         objective = (losses.reshape(weights_t.shape) * weights_t).sum()
         return torch.autograd.grad(objective, logits, create_graph=create_graph)[0]
 
-    logits = prev.clone().requires_grad_(True)
+    logits = start.clone().requires_grad_(True)
     g = gradient(logits).detach()
     direction = -g
-    start = g.norm(dim=-1)
+    initial = g.norm(dim=-1)
     for _ in range(4 * n + 10 if max_steps is None else max_steps):
         g_norm2 = (g * g).sum(-1)
-        if bool(torch.all(g_norm2.sqrt() <= 1e-12 * start + 1e-300)):
+        if bool(torch.all(g_norm2.sqrt() <= 1e-12 * initial + 1e-300)):
             break
         g_at = gradient(logits, create_graph=True)
         curvature = torch.autograd.grad((g_at * direction).sum(), logits)[0]
@@ -171,6 +193,31 @@ def fit_inpo(
         g = g_new
     with torch.no_grad():
         return torch.log_softmax(logits, dim=-1).numpy().reshape(batch + (n,))
+
+
+def fit_inpo(
+    log_ref: np.ndarray,
+    log_previous: np.ndarray,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    weights: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    max_steps: int | None = None,
+) -> np.ndarray:
+    """Minimize Σ_i weights_i·INPO_loss(pair i) over the logits θ, from θ = log π_t (`fit_pair_loss`
+    with `nashalign.losses.inpo`); returns log π_θ. Shapes: log_ref, log_previous (..., n); chosen,
+    rejected (int) and weights (..., B)."""
+    return fit_pair_loss(
+        functools.partial(inpo_loss, eta=eta, tau=tau),
+        {"ref": log_ref, "prev": log_previous},
+        log_previous,
+        chosen,
+        rejected,
+        weights,
+        max_steps=max_steps,
+    )
 
 
 def fit_bradley_terry(
@@ -325,6 +372,24 @@ def nash_md_step(
     return log_softmax(log_mixture + win_rates(P, log_mixture) / eta)
 
 
+def inpo_extragradient_step(
+    P: np.ndarray,
+    log_ref: np.ndarray,
+    log_policy: np.ndarray,
+    log_previous: np.ndarray,
+    *,
+    tau: float,
+    eta: float,
+    samples: int,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
+    """Mirror prox: the INPO step from π_t driven by the win rates of INPO's own step π_{t+½}."""
+    ratio = tau / eta
+    anchor = (1.0 - ratio) * log_policy + ratio * log_ref
+    extrapolated = log_softmax(anchor + win_rates(P, log_policy) / eta)
+    return log_softmax(anchor + win_rates(P, extrapolated) / eta)
+
+
 def sppo_step(
     P: np.ndarray,
     log_ref: np.ndarray,
@@ -350,8 +415,12 @@ ALGORITHMS: dict[str, Step] = {
     "online-ipo": online_ipo_step,
     "nash-md": nash_md_step,
     "sppo": sppo_step,
+    "comal": inpo_extragradient_step,
 }
 """Algorithm name → step function (see the module docstring for the formulas)."""
+
+REFRESHED = frozenset({"comal"})
+"""Algorithms whose reference is refreshed to the current iterate (COMAL's outer loop)."""
 
 SAMPLED = frozenset({"inpo-sampled", "iterative-dpo"})
 """Algorithms that learn from `samples` sampled, oracle-labelled pairs per iteration."""
@@ -363,13 +432,16 @@ SAMPLED = frozenset({"inpo-sampled", "iterative-dpo"})
 
 @dataclass(frozen=True)
 class TabularRun:
-    """One algorithm's run: `duality_gap` (..., T + 1), the gap of π_0 = ref … π_T; `policy` (..., n),
-    the final π_T; `eta` (T,), the η_t used at each step."""
+    """One algorithm's run: `duality_gap` (..., T + 1), the regularized gap of π_0 = ref … π_T;
+    `unregularized_gap` (..., T + 1), their DG₀; `policy` (..., n), the final π_T; `eta` (T,), the η_t
+    used at each step; `refreshes` (...,), how many times the reference was refreshed (0 except comal)."""
 
     algorithm: str
     duality_gap: np.ndarray
+    unregularized_gap: np.ndarray
     policy: np.ndarray
     eta: np.ndarray
+    refreshes: np.ndarray
 
 
 def step_schedule(schedule: str, *, tau: float, eta: float, iterations: int) -> np.ndarray:
@@ -382,8 +454,27 @@ def step_schedule(schedule: str, *, tau: float, eta: float, iterations: int) -> 
     raise NashalignError(f"unknown schedule {schedule!r} (choose from: {', '.join(SCHEDULES)})")
 
 
+def inner_gap(P: np.ndarray, log_ref: np.ndarray, log_policy: np.ndarray, tau: float) -> np.ndarray:
+    """`nashalign.games.duality_gap` computed from log-probabilities, (...,): a refreshed reference
+    may hold probabilities that underflow to 0, and its logarithm stays finite."""
+    v = win_rates(P, log_policy)
+    logits = log_ref + v / tau
+    log_best_response = logits - logsumexp(logits)[..., None]
+    policy = np.exp(log_policy)
+    kl = np.sum(np.where(policy > 0, policy * (log_policy - log_best_response), 0.0), axis=-1)
+    return 2.0 * tau * kl + (2.0 * np.sum(policy * v, axis=-1) - 1.0)
+
+
 def check_settings(
-    algorithms: Sequence[str], *, tau: float, eta: float, iterations: int, schedule: str, samples: int
+    algorithms: Sequence[str],
+    *,
+    tau: float,
+    eta: float,
+    iterations: int,
+    schedule: str,
+    samples: int,
+    refresh_every: int = 20,
+    refresh_tolerance: float = 0.0,
 ) -> None:
     """Raise NashalignError, naming the setting, for values the algorithms cannot run with."""
     for name in algorithms:
@@ -402,6 +493,14 @@ def check_settings(
         raise NashalignError(f"iterations must be an integer >= 1, got {iterations!r}")
     if not (isinstance(samples, int) and samples >= 1):
         raise NashalignError(f"samples must be an integer >= 1, got {samples!r}")
+    if not (isinstance(refresh_every, int) and refresh_every >= 1):
+        raise NashalignError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
+    if not (
+        isinstance(refresh_tolerance, (int, float))
+        and math.isfinite(refresh_tolerance)
+        and refresh_tolerance >= 0
+    ):
+        raise NashalignError(f"refresh_tolerance must be a finite number >= 0, got {refresh_tolerance!r}")
 
 
 def run_algorithm(
@@ -415,24 +514,59 @@ def run_algorithm(
     schedule: str = "fixed",
     samples: int = 1000,
     rng: np.random.Generator | None = None,
+    refresh_every: int = 20,
+    refresh_tolerance: float = 0.0,
 ) -> TabularRun:
     """Run one algorithm from π_0 = ref for `iterations` steps on a game (P (n, n), ref (n,)) or a
-    batch of games (P (G, n, n), ref (G, n)); the games are assumed valid (`games.validate_game`)."""
-    check_settings([algorithm], tau=tau, eta=eta, iterations=iterations, schedule=schedule, samples=samples)
+    batch of games (P (G, n, n), ref (G, n)); the games are assumed valid (`games.validate_game`).
+
+    For the algorithms in REFRESHED, each game's reference is replaced by the current iterate once
+    the inner gap (`inner_gap` against that reference) is ≤ `refresh_tolerance` (0: never on the gap),
+    or `refresh_every` steps after its last refresh; the others ignore both settings."""
+    check_settings(
+        [algorithm],
+        tau=tau,
+        eta=eta,
+        iterations=iterations,
+        schedule=schedule,
+        samples=samples,
+        refresh_every=refresh_every,
+        refresh_tolerance=refresh_tolerance,
+    )
     step = ALGORITHMS[algorithm]
     rng = np.random.default_rng(0) if rng is None else rng
     P = np.asarray(P, dtype=np.float64)
     log_ref = np.log(np.asarray(ref, dtype=np.float64))
     etas = step_schedule(schedule, tau=tau, eta=eta, iterations=iterations)
     log_policy = log_previous = log_softmax(log_ref)
+    log_anchor = log_policy
+    since_refresh = np.zeros(log_policy.shape[:-1], dtype=np.int64)
+    refreshes = np.zeros(log_policy.shape[:-1], dtype=np.int64)
     gaps = [duality_gap(P, ref, np.exp(log_policy), tau)]
+    unregularized = [unregularized_gap(P, np.exp(log_policy))]
     for eta_t in etas:
         log_policy, log_previous = (
-            step(P, log_ref, log_policy, log_previous, tau=tau, eta=float(eta_t), samples=samples, rng=rng),
+            step(P, log_anchor, log_policy, log_previous, tau=tau, eta=float(eta_t), samples=samples, rng=rng),
             log_policy,
         )
+        if algorithm in REFRESHED:
+            since_refresh += 1
+            refresh = since_refresh >= refresh_every
+            if refresh_tolerance > 0:
+                refresh |= inner_gap(P, log_anchor, log_policy, tau) <= refresh_tolerance
+            log_anchor = np.where(refresh[..., None], log_policy, log_anchor)
+            since_refresh = np.where(refresh, 0, since_refresh)
+            refreshes += refresh
         gaps.append(duality_gap(P, ref, np.exp(log_policy), tau))
-    return TabularRun(algorithm, np.stack(gaps, axis=-1), np.exp(log_policy), etas)
+        unregularized.append(unregularized_gap(P, np.exp(log_policy)))
+    return TabularRun(
+        algorithm,
+        np.stack(gaps, axis=-1),
+        np.stack(unregularized, axis=-1),
+        np.exp(log_policy),
+        etas,
+        refreshes,
+    )
 
 
 def run_algorithms(
@@ -446,10 +580,21 @@ def run_algorithms(
     schedule: str = "fixed",
     samples: int = 1000,
     seed: int = 0,
+    refresh_every: int = 20,
+    refresh_tolerance: float = 0.0,
 ) -> dict[str, TabularRun]:
     """Run several algorithms on the same game(s). Each algorithm draws from its own generator,
     seeded by (seed, its index in ALGORITHMS), so its result does not depend on the others chosen."""
-    check_settings(algorithms, tau=tau, eta=eta, iterations=iterations, schedule=schedule, samples=samples)
+    check_settings(
+        algorithms,
+        tau=tau,
+        eta=eta,
+        iterations=iterations,
+        schedule=schedule,
+        samples=samples,
+        refresh_every=refresh_every,
+        refresh_tolerance=refresh_tolerance,
+    )
     names = list(ALGORITHMS)
     return {
         name: run_algorithm(
@@ -462,6 +607,8 @@ def run_algorithms(
             schedule=schedule,
             samples=samples,
             rng=np.random.default_rng([seed, names.index(name)]),
+            refresh_every=refresh_every,
+            refresh_tolerance=refresh_tolerance,
         )
         for name in dict.fromkeys(algorithms)
     }

@@ -103,3 +103,27 @@ def save_tiny(directory: str | Path, extra_text: Iterable[str] = (), **model_kwa
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_hub_cache(source: str | Path, cache_dir: str | Path, repo_id: str, revision: str = "main") -> Path:
+    """Copy a saved model directory into a Hugging Face hub cache under `repo_id`, laid out as the
+    hub client lays out a download (models--owner--name/{refs/<revision>, snapshots/<commit>/}), so
+    that `from_pretrained(repo_id)` finds it with HF_HUB_CACHE=cache_dir and HF_HUB_OFFLINE=1.
+    Returns the snapshot directory. The commit hash is derived from the files' contents."""
+    import hashlib
+    import shutil
+
+    source, cache_dir = Path(source), Path(cache_dir)
+    digest = hashlib.sha1(repo_id.encode())
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(source)).encode())
+        digest.update(path.read_bytes())
+    commit = digest.hexdigest()
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(source, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot

@@ -18,9 +18,21 @@ import json
 from pathlib import Path
 
 
+def _model_options() -> argparse.ArgumentParser:
+    """How every model of the command loads (the same settings for policy, baseline and reference)."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("model loading (every model of the command)")
+    group.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    group.add_argument("--revision", help="hub branch, tag or commit of hub-named models")
+    group.add_argument("--trust-remote-code", action="store_true", help="run modelling code shipped with a hub model")
+    return options
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="task", metavar="task", required=True)
-    win = sub.add_parser("winrate", help="win rate of a policy against a baseline under an oracle")
+    models = _model_options()
+    win = sub.add_parser("winrate", help="win rate of a policy against a baseline under an oracle", parents=[models])
     win.add_argument("--policy", required=True, help="model directory (or hub name) of the policy")
     win.add_argument("--baseline", required=True, help="a model, or a JSONL file with a 'response' per prompt")
     win.add_argument("--prompts", required=True, help="prompts file (field 'prompt': a string or messages)")
@@ -31,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     win.add_argument("--batch-size", type=int, default=16)
     win.add_argument("--seed", type=int, default=0)
     win.add_argument("--output", help="also write the results as JSON to this file")
-    rank = sub.add_parser("ranking", help="ranking accuracy of a model on preference pairs")
+    rank = sub.add_parser("ranking", help="ranking accuracy of a model on preference pairs", parents=[models])
     rank.add_argument("--model", required=True)
     rank.add_argument("--data", required=True, help="preference pairs (.jsonl/.json/.parquet/datasets dir)")
     rank.add_argument("--ref", help="reference model: implicit-reward accuracy and the idealized accuracy")
@@ -42,21 +54,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rank.add_argument("--output", help="also write the results as JSON to this file")
 
 
-def _load(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _spec(name: str, args):
+    from nashalign.models import ModelSpec
 
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return ModelSpec(name, revision=args.revision, dtype=args.dtype, device=args.device,
+                     trust_remote_code=args.trust_remote_code)
+
+
+def _load(name: str, args, where: str):
+    """(model, tokenizer) through the one loader; a tokenizer without a pad token pads with EOS."""
+    from nashalign.models import load_causal_lm, load_tokenizer
+
+    spec = _spec(name, args)
+    return load_causal_lm(spec, where=where), load_tokenizer(spec, where=where)
 
 
 def _response_logps(model, tokenizer, prompt_ids, response_ids, batch_size: int):
-    """Summed log π(response | prompt) for each (prompt, response), via the log-prob scorer."""
-    from nashalign.cache import score_pairs
-    from nashalign.data import TokenizedPair, collate_pairs
+    """Summed log π(response | prompt) of each (prompt, response), each scored once."""
+    import torch
 
-    pairs = [TokenizedPair(p, r, r, f"prompt[{i}]", {}) for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
+    from nashalign.logprobs import sequence_logps
+
+    with torch.inference_mode():
+        values = sequence_logps(model, list(zip(prompt_ids, response_ids)), tokenizer.pad_token_id,
+                                batch_size=batch_size)
+    return values.double().cpu().numpy()
+
+
+def _pair_logps(model, tokenizer, pairs, batch_size: int):
+    """(chosen, rejected) summed log-probs of preference pairs: one forward pass per pair batch,
+    every response scored once (the prompt once for both with packing)."""
+    from nashalign.cache import score_pairs
+    from nashalign.data import collate_pairs
+
     scored = score_pairs(model, pairs, batch_size=batch_size, cache=None,
                          collate_fn=lambda batch: collate_pairs(batch, tokenizer.pad_token_id))
-    return scored["chosen_logps"].double().numpy()
+    return scored["chosen_logps"].double().numpy(), scored["rejected_logps"].double().numpy()
 
 
 def _sample(model, tokenizer, rendered, args):
@@ -86,6 +119,7 @@ def _win_rate(args) -> dict:
 
     from nashalign import NashalignError
     from nashalign.evaluate import kl_from_samples, length_controlled_win_rate, length_stats, win_rate
+    from nashalign.json_input import RECURSION
     from nashalign.online import PromptsConfig, judge_text, load_prompts, render_prompt
     from nashalign.oracles import build_oracle
 
@@ -93,20 +127,22 @@ def _win_rate(args) -> dict:
         spec = yaml.safe_load(Path(args.oracle).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
         raise NashalignError(f"{args.oracle}: cannot read the oracle config ({error})") from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise NashalignError(f"{args.oracle}: cannot read the oracle config: {RECURSION}") from None
     oracle = build_oracle(spec.get("oracle", spec) if isinstance(spec, dict) else spec, where=args.oracle)
     prompts = load_prompts(PromptsConfig(file=args.prompts))
-    policy, tokenizer = _load(args.policy)
+    policy, tokenizer = _load(args.policy, args, "--policy")
     rendered = [render_prompt(p, tokenizer) for p in prompts]
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
     samples = _sample(policy, tokenizer, rendered, args)
     policy_texts = [g.text for g in samples]
-    policy_ids = [g.token_ids + ([tokenizer.eos_token_id] if g.finish_reason == "stop" else []) for g in samples]
+    policy_ids = [g.response_ids for g in samples]
     baseline_path = Path(args.baseline)
     if baseline_path.is_file():
         baseline_texts = _baseline_file(baseline_path, len(prompts))
         baseline_model = None
     else:
-        baseline_model, baseline_tokenizer = _load(args.baseline)
+        baseline_model, baseline_tokenizer = _load(args.baseline, args, "--baseline")
         baseline_texts = [g.text for g in _sample(baseline_model, baseline_tokenizer, rendered, args)]
     judge_prompts = [judge_text(p) for p in prompts]
     probs = oracle.prob(judge_prompts, policy_texts, baseline_texts)
@@ -122,7 +158,7 @@ def _win_rate(args) -> dict:
         "baseline_length": vars(length_stats(baseline_lengths)),
         "judge_calls": oracle.counts.judge_calls,
     }
-    ref_model = _load(args.ref)[0] if args.ref else baseline_model
+    ref_model = _load(args.ref, args, "--ref")[0] if args.ref else baseline_model
     if ref_model is not None:
         own = _response_logps(policy, tokenizer, prompt_ids, policy_ids, args.batch_size)
         ref = _response_logps(ref_model, tokenizer, prompt_ids, policy_ids, args.batch_size)
@@ -136,18 +172,19 @@ def _ranking(args) -> dict:
 
     from nashalign.data import load_records, tokenize_records
     from nashalign.evaluate import idealized_ranking_accuracy, ranking_accuracy
+    from nashalign.sampling import stop_token_ids
 
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args, "--model")
     records = load_records(args.data)
-    pairs, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
-    prompts = [p.prompt_ids for p in pairs]
-    chosen, rejected = [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]
-    lengths = (np.array([len(c) for c in chosen]), np.array([len(r) for r in rejected]))
-    own = [_response_logps(model, tokenizer, prompts, side, args.batch_size) for side in (chosen, rejected)]
-    ref = [None, None]
+    pairs, _ = tokenize_records(records, tokenizer, max_length=args.max_length,
+                                stop_token_ids=stop_token_ids(_spec(args.model, args), tokenizer))
+    lengths = (np.array([len(p.chosen_ids) for p in pairs]), np.array([len(p.rejected_ids) for p in pairs]))
+    own = _pair_logps(model, tokenizer, pairs, args.batch_size)
+    ref = (None, None)
     if args.ref:
-        ref_model = _load(args.ref)[0]
-        ref = [_response_logps(ref_model, tokenizer, prompts, side, args.batch_size) for side in (chosen, rejected)]
+        del model
+        ref_model = _load(args.ref, args, "--ref")[0]
+        ref = _pair_logps(ref_model, tokenizer, pairs, args.batch_size)
     accuracy = ranking_accuracy(own[0], own[1], ref[0], ref[1], *lengths)
     result = {"pairs": accuracy.n, "summed": accuracy.summed, "length_normalized": accuracy.length_normalized,
               "implicit_reward": accuracy.reward}

@@ -1,9 +1,10 @@
-"""`nashalign game`: run INPO and baselines on a finite preference game and report the duality gap.
+"""`nashalign game`: run INPO and baselines on a finite preference game and report the duality gaps.
 
 The game is a built-in (`--game`, default: the Condorcet game of three annotators) or a JSON file
-`{"P": [[...]], "reference": [...]}`. Prints a table of the exact duality gap of each algorithm's
-iterate (a readable subset of iterations, always the last), the final policies, and writes a PNG
-plot (log scale); `--json` prints one JSON object instead. The work lives in `nashalign.games` and
+`{"P": [[...]], "reference": [...]}`. Prints two tables, the exact duality gap of the regularized
+game and the unregularized gap DG₀ of each algorithm's iterate (a readable subset of iterations,
+always the last), the final policies, and writes a PNG plot of both (log scale); `--json` prints one
+JSON object instead. The work lives in `nashalign.games` and
 `nashalign.tabular`; this module parses arguments and prints.
 """
 
@@ -17,7 +18,15 @@ import numpy as np
 
 from nashalign import NashalignError
 from nashalign.games import BUILTIN_GAMES, Game, find_cycle, load_game, nash_policy, validate_game
-from nashalign.tabular import ALGORITHMS, SAMPLED, SCHEDULES, TabularRun, check_settings, run_algorithms
+from nashalign.tabular import (
+    ALGORITHMS,
+    REFRESHED,
+    SAMPLED,
+    SCHEDULES,
+    TabularRun,
+    check_settings,
+    run_algorithms,
+)
 
 DEFAULT_PLOT = Path("runs/game/duality_gap.png")
 GAP_FLOOR = 1e-16
@@ -65,13 +74,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fixed: eta every step; theory: eta_t = tau(t+2)/2 from INPO's convergence theorem (default fixed)",
     )
     parser.add_argument(
+        "--refresh-every",
+        type=int,
+        default=20,
+        help="comal: refresh the reference to the current policy every N steps (default 20)",
+    )
+    parser.add_argument(
+        "--refresh-tolerance",
+        type=float,
+        default=0.0,
+        help="comal: refresh also as soon as the inner game's regularized gap is <= this; 0: only every N "
+        "steps (default 0)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed for sampling and the random game (default 0)"
     )
     parser.add_argument("--plot", type=Path, default=None, help=f"PNG plot path (default {DEFAULT_PLOT})")
     parser.add_argument(
         "--json",
         action="store_true",
-        help='print only {"<algorithm>": {"duality_gap": [...], "policy": [...]}}; plot only with --plot',
+        help='print only {"<algorithm>": {"duality_gap": [...], "unregularized_gap": [...], "policy": [...], '
+        '"refreshes": N}}; plot only with --plot',
     )
 
 
@@ -122,22 +145,28 @@ def trend(gaps: np.ndarray, sampled: bool) -> str:
 
 
 def write_plot(runs: dict[str, TabularRun], path: Path, title: str) -> None:
-    """Duality gap against iteration, log scale, one line per algorithm (matplotlib's Agg canvas,
-    used directly so that no global backend or pyplot state is touched)."""
+    """Both gaps against iteration, log scale, one panel each and one line per algorithm (matplotlib's
+    Agg canvas, used directly so that no global backend or pyplot state is touched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5))
+    figure = Figure(figsize=(12, 4.5))
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for name, run in runs.items():
-        axes.plot(np.arange(len(run.duality_gap)), np.maximum(run.duality_gap, GAP_FLOOR), label=name)
-    axes.set_yscale("log")
-    axes.set_xlabel("iteration t")
-    axes.set_ylabel("duality gap of π_t")
-    axes.set_title(title, fontsize=9)
-    axes.grid(True, which="major", alpha=0.3)
-    axes.legend(fontsize=8)
+    panels = (
+        ("duality_gap", "regularized duality gap of π_t"),
+        ("unregularized_gap", "unregularized gap DG₀ of π_t"),
+    )
+    for index, (field, label) in enumerate(panels):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for name, run in runs.items():
+            gaps = getattr(run, field)
+            axes.plot(np.arange(len(gaps)), np.maximum(gaps, GAP_FLOOR), label=name)
+        axes.set_yscale("log")
+        axes.set_xlabel("iteration t")
+        axes.set_ylabel(label)
+        axes.grid(True, which="major", alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +180,21 @@ def _policy_text(policy: np.ndarray, names: tuple[str, ...]) -> str:
     return " ".join(f"{label}={p:.3f}" for label, p in zip(labels, policy))
 
 
+def _target_gap(run: TabularRun) -> np.ndarray:
+    """The gap an algorithm drives to 0: DG₀ for comal (REFRESHED), the regularized gap otherwise."""
+    return run.unregularized_gap if run.algorithm in REFRESHED else run.duality_gap
+
+
+def _gap_table(runs: dict[str, TabularRun], field: str, iterations: int) -> None:
+    width = max(12, *(len(a) + 2 for a in runs))
+    print("iteration" + "".join(f"{a:>{width}}" for a in runs))
+    for t in shown_iterations(iterations):
+        print(f"{t:>9}" + "".join(f"{max(getattr(run, field)[t], 0.0):>{width}.3e}" for run in runs.values()))
+
+
 def run(args: argparse.Namespace) -> int:
     algorithms = parse_algorithms(args.algorithms)
+    refresh = {"refresh_every": args.refresh_every, "refresh_tolerance": args.refresh_tolerance}
     check_settings(
         algorithms,
         tau=args.tau,
@@ -160,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         schedule=args.schedule,
         samples=args.samples,
+        **refresh,
     )
     name, game = resolve_game(args.game_json, args.game, args.seed)
     runs = run_algorithms(
@@ -172,12 +215,18 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         samples=args.samples,
         seed=args.seed,
+        **refresh,
     )
     if args.json:
         if args.plot is not None:
             write_plot(runs, args.plot, name)
         result = {
-            algorithm: {"duality_gap": run.duality_gap.tolist(), "policy": run.policy.tolist()}
+            algorithm: {
+                "duality_gap": run.duality_gap.tolist(),
+                "unregularized_gap": run.unregularized_gap.tolist(),
+                "policy": run.policy.tolist(),
+                "refreshes": int(run.refreshes),
+            }
             for algorithm, run in runs.items()
         }
         print(json.dumps(result))
@@ -199,27 +248,43 @@ def run(args: argparse.Namespace) -> int:
     print(f"  reference        {_policy_text(game.reference, game.names)}")
     print(f"  regularized Nash {_policy_text(nash, game.names)}   (tau={args.tau:g})")
     sampled = [a for a in algorithms if a in SAMPLED]
+    refreshed = [a for a in algorithms if a in REFRESHED]
     print(
         f"settings: tau={args.tau:g}, {steps}, {args.iterations} iterations, seed {args.seed}"
         + (f", {args.samples} sampled pairs per iteration ({', '.join(sampled)})" if sampled else "")
+        + (
+            f", reference refreshed every {args.refresh_every} steps"
+            + (f" or when the inner gap <= {args.refresh_tolerance:g}" if args.refresh_tolerance > 0 else "")
+            + f" ({', '.join(refreshed)})"
+            if refreshed
+            else ""
+        )
     )
     print()
     print("duality gap of π_t (0 exactly at the regularized Nash policy; π_0 = reference)")
-    width = max(12, *(len(a) + 2 for a in algorithms))
-    print("iteration" + "".join(f"{a:>{width}}" for a in algorithms))
-    for t in shown_iterations(args.iterations):
-        print(f"{t:>9}" + "".join(f"{max(runs[a].duality_gap[t], 0.0):>{width}.3e}" for a in algorithms))
+    _gap_table(runs, "duality_gap", args.iterations)
     print()
-    print("final policies (TV = total variation distance to the regularized Nash policy)")
+    print("unregularized gap DG₀ of π_t = 2·max_y P(y ≻ π_t) − 1 (0 exactly at a Nash policy of P itself)")
+    _gap_table(runs, "unregularized_gap", args.iterations)
+    print()
+    print(
+        "final policies (trend of the gap the algorithm aims at, the regularized one except for comal; "
+        "TV = total variation distance to the regularized Nash policy)"
+    )
     name_width = max(len(a) for a in algorithms)
+    trends = {a: trend(_target_gap(runs[a]), a in SAMPLED) for a in algorithms}
     for algorithm in algorithms:
         result = runs[algorithm]
-        distance = 0.5 * np.abs(result.policy - nash).sum()
+        if algorithm in REFRESHED:
+            closeness = f"DG₀ {max(result.unregularized_gap[-1], 0.0):.2e}"
+            closeness += f"  ({int(result.refreshes)} reference refreshes)"
+        else:
+            closeness = f"TV {0.5 * np.abs(result.policy - nash).sum():.2e}"
         print(
-            f"  {algorithm:<{name_width}}  {trend(result.duality_gap, algorithm in SAMPLED):<9}  TV {distance:.2e}  "
+            f"  {algorithm:<{name_width}}  {trends[algorithm]:<9}  {closeness}  "
             f"{_policy_text(result.policy, game.names)}"
         )
-    cycling = [a for a in algorithms if trend(runs[a].duality_gap, a in SAMPLED) == "cycling"]
+    cycling = [a for a in algorithms if trends[a] == "cycling"]
     if cycling:
         print(
             f"note: the gap of {', '.join(cycling)} oscillates instead of converging: with a fixed step the "

@@ -1,0 +1,270 @@
+"""The online loop's config: only keys the loop reads, and the training config of each phase derived
+from it by one pure function (`phase_config`).
+
+The `model`, `data`, `loss`, `optim` and `output` sections are the training config's sections less
+the keys the loop sets itself; writing one of those is an error that says who sets it:
+
+    model.prev_name_or_path   π_t is the previous iterate, iter_<t-1>/train/final
+    data.train_file           the loop trains on its own pairs
+    data.cache_dir            the loop's log-prob cache is <run.dir>/<run.name>/logp_cache
+    loss.name                 run.algorithm picks the loss
+    loss.average_log_probs    read only by the ipo loss, which no online algorithm trains with
+    optim.seed                each phase's seed is drawn from (run.seed, t)
+    output.dir                iteration t trains into <run.dir>/<run.name>/iter_<t>/train
+
+Keys that only some settings read are refused under the others when they differ from their default
+(`OnlineConfig.check`): a loss's hyperparameters under another algorithm's loss, `pairs.decide`
+with best_vs_worst, `pairs.score` without it, `model.ref_name_or_path` when the reference is the
+current iterate, `sampling.batch_size` with vLLM and `sampling.tensor_parallel_size` with
+transformers.
+
+A run directory keeps the config it was made with; `config_change` says whether another config may
+continue it: the same config, or a larger `run.iterations` (with `prompts.files` extended by one
+file per added iteration), which extends a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from nashalign.config import (
+    ConfigFieldError,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    OutputConfig,
+    TrainConfig,
+    _field,
+    config_subset,
+    from_mapping,
+    to_dict,
+)
+from nashalign.prompts import PromptsConfig
+
+__all__ = [
+    "ALGORITHMS", "OnlineConfig", "PairSettings", "RunSettings", "SamplingSettings", "SummarySettings",
+    "config_change", "pair_method", "phase_config", "policy_path", "run_directory", "stage_seed",
+]
+
+ALGORITHMS = {
+    # algorithm: (loss name, reference is the current iterate, default pair construction)
+    "inpo": ("inpo", False, "tournament"),
+    "iterative-dpo": ("dpo", True, "best_vs_worst"),
+    "sppo": ("sppo", True, "all_pairs"),
+}
+
+
+@dataclasses.dataclass
+class RunSettings:
+    name: str = _field("online", "run name: artifacts go to <dir>/<name>/")
+    dir: str = _field("runs", "parent directory of runs")
+    algorithm: Literal["inpo", "iterative-dpo", "sppo"] = _field("inpo", "which online algorithm")
+    iterations: int = _field(
+        3, "T: online iterations (the paper uses 3); raising it on a finished run extends the run", ge=1
+    )
+    seed: int = _field(0, "seed of sampling, pair decisions and training", ge=0)
+
+
+@dataclasses.dataclass
+class SamplingSettings:
+    backend: Literal["transformers", "vllm", "auto"] = _field("auto", "generation engine")
+    samples_per_prompt: int = _field(8, "K: responses sampled per prompt", ge=2)
+    max_new_tokens: int = _field(256, "response length limit in tokens", ge=1)
+    temperature: float = _field(1.0, "sampling temperature (0: greedy)", ge=0)
+    top_p: float = _field(1.0, "nucleus sampling mass", gt=0, le=1)
+    batch_size: int = _field(16, "rows per generate call (transformers backend)", ge=1)
+    tensor_parallel_size: int = _field(1, "GPUs per vLLM engine", ge=1)
+
+
+@dataclasses.dataclass
+class PairSettings:
+    method: Literal["auto", "tournament", "best_vs_worst", "all_pairs"] = _field(
+        "auto", "pair construction; auto: the algorithm's default"
+    )
+    decide: Literal["sample", "threshold"] = _field(
+        "sample", "tournament / all_pairs: a comparison's outcome, a Bernoulli(P) draw or P > 1/2"
+    )
+    score: Literal["borda", "copeland"] = _field("borda", "best_vs_worst: ranking with a pairwise oracle")
+
+
+@dataclasses.dataclass
+class SummarySettings:
+    win_rate: bool = _field(
+        True, "measure the win rate of π_{t+1} over π_t: π_{t+1} samples iteration t's prompts (unless "
+        "iteration t+1 answers the same ones) and N·K comparisons are judged; false: neither, the row's "
+        "win rate is null"
+    )
+
+
+_ONLINE = "the online loop sets it"
+OnlineModelConfig = config_subset(
+    ModelConfig, "OnlineModelConfig",
+    {"prev_name_or_path": f"{_ONLINE} (π_t is the previous iterate, iter_<t-1>/train/final)"},
+    "The policy π_0, the reference and how every phase loads and trains the policy.", __name__,
+)
+OnlineDataConfig = config_subset(
+    DataConfig, "OnlineDataConfig",
+    {"train_file": f"{_ONLINE} (each iteration trains on its own pairs, iter_<t>/pairs.jsonl)",
+     "cache_dir": f"{_ONLINE} (the log-prob cache is <run.dir>/<run.name>/logp_cache)"},
+    "Token limits of the pairs (applied as in offline training) and scoring.", __name__,
+)
+OnlineLossConfig = config_subset(
+    LossConfig, "OnlineLossConfig",
+    {"name": f"{_ONLINE} (run.algorithm picks the loss: inpo → inpo, iterative-dpo → dpo, sppo → sppo)",
+     "average_log_probs": "read only by the ipo loss, which no online algorithm trains with"},
+    "Hyperparameters of the algorithm's loss.", __name__,
+)
+OnlineOptimConfig = config_subset(
+    OptimConfig, "OnlineOptimConfig",
+    {"seed": f"{_ONLINE} (each training phase's seed is drawn from run.seed and the iteration)"},
+    "The optimizer of each iteration's training phase.", __name__,
+)
+OnlineOutputConfig = config_subset(
+    OutputConfig, "OnlineOutputConfig",
+    {"dir": f"{_ONLINE} (iteration t trains into <run.dir>/<run.name>/iter_<t>/train)"},
+    "Checkpointing and logging of each training phase.", __name__,
+)
+
+
+@dataclasses.dataclass
+class OnlineConfig:
+    model: OnlineModelConfig = _field(help="the initial policy π_0 (and π_ref unless ref_name_or_path is set)")
+    oracle: dict[str, Any] | None = _field(None, "the preference oracle: a mapping with a 'type' key")
+    run: RunSettings = _field(help="name, algorithm, iterations, seed", factory=RunSettings)
+    prompts: PromptsConfig = _field(help="the prompts the policy answers", factory=PromptsConfig)
+    sampling: SamplingSettings = _field(help="how responses are sampled", factory=SamplingSettings)
+    pairs: PairSettings = _field(help="how pairs are built from judgments", factory=PairSettings)
+    summary: SummarySettings = _field(help="what the per-iteration summary row measures", factory=SummarySettings)
+    data: OnlineDataConfig = _field(help="token limits and scoring batch size", factory=OnlineDataConfig)
+    loss: OnlineLossConfig = _field(help="hyperparameters of the algorithm's loss", factory=OnlineLossConfig)
+    optim: OnlineOptimConfig = _field(help="the optimizer of each iteration's training phase", factory=OnlineOptimConfig)
+    output: OnlineOutputConfig = _field(help="checkpointing and logging of each training phase",
+                                        factory=OnlineOutputConfig)
+
+    def check(self) -> None:
+        files = self.prompts.files
+        if files is not None and len(files) != self.run.iterations:
+            raise ConfigFieldError(
+                "prompts",
+                f"files: expected one file per iteration, {self.run.iterations} (run.iterations), got {len(files)}",
+            )
+        problem = _ignored_key(self)
+        if problem is not None:
+            raise ConfigFieldError(*problem)
+
+
+def _changed(section: Any, key: str) -> bool:
+    """Whether `section.key` differs from the value the section has when the key is not written."""
+    return getattr(section, key) != getattr(from_mapping(type(section), {}), key)
+
+
+def _ignored_key(config: OnlineConfig) -> tuple[str, str] | None:
+    """(dotted key, why) of the first key set to a value the chosen settings would ignore."""
+    from nashalign.losses import LOSSES, loss_hyperparameters
+
+    algorithm = config.run.algorithm
+    loss_name, ref_is_current, _ = ALGORITHMS[algorithm]
+    read = {"beta", "sft_weight", *loss_hyperparameters(loss_name)}  # beta also scales the logged rewards
+    specific = {key for name in LOSSES for key in loss_hyperparameters(name)}
+    for spec in dataclasses.fields(config.loss):
+        if spec.name in specific - read and _changed(config.loss, spec.name):
+            return f"loss.{spec.name}", (f"run.algorithm {algorithm!r} trains with loss {loss_name!r}, which does "
+                                         f"not read {spec.name}; remove it")
+    if ref_is_current and config.model.ref_name_or_path is not None:
+        return "model.ref_name_or_path", (f"run.algorithm {algorithm!r} uses the current iterate π_t as the "
+                                          "reference; remove it")
+    method = pair_method(config)
+    if method == "best_vs_worst" and _changed(config.pairs, "decide"):
+        return "pairs.decide", "best_vs_worst ranks the samples and draws no decision; remove it"
+    if method != "best_vs_worst" and _changed(config.pairs, "score"):
+        return "pairs.score", f"read only by best_vs_worst, and the pair method is {method}; remove it"
+    backend = config.sampling.backend
+    if backend == "vllm" and _changed(config.sampling, "batch_size"):
+        return "sampling.batch_size", "read only by the transformers backend (vLLM batches by itself); remove it"
+    if backend == "transformers" and _changed(config.sampling, "tensor_parallel_size"):
+        return "sampling.tensor_parallel_size", "read only by the vllm backend; remove it"
+    return None
+
+
+def pair_method(config: OnlineConfig) -> str:
+    """The pair construction: `pairs.method`, or the algorithm's default for "auto"."""
+    return ALGORITHMS[config.run.algorithm][2] if config.pairs.method == "auto" else config.pairs.method
+
+
+def stage_seed(seed: int, t: int, stage: int) -> int:
+    """The seed of one stage of iteration t (0 sampling, 1 pair decisions, 2 training, 3 the summary's
+    extra samples), a 32-bit integer drawn from (run.seed, t, stage)."""
+    return int(np.random.SeedSequence([seed, t, stage]).generate_state(1, dtype=np.uint32)[0])
+
+
+def run_directory(config: OnlineConfig) -> Path:
+    return Path(config.run.dir) / config.run.name
+
+
+def policy_path(config: OnlineConfig, t: int) -> str:
+    """π_t: the initial policy for t = 0, else the weights iteration t − 1 trained."""
+    if t == 0:
+        return config.model.name_or_path
+    return str(run_directory(config) / f"iter_{t - 1}" / "train" / "final")
+
+
+def phase_config(config: OnlineConfig, t: int) -> TrainConfig:
+    """The training config of iteration t (pure: no I/O, equal configs give equal results).
+
+    The policy is π_t; the reference is `model.ref_name_or_path` or π_0 (inpo), or π_t itself
+    (iterative-dpo, sppo); prev is π_t (inpo); the loss is the algorithm's; the seed is drawn from
+    (run.seed, t); the phase writes to iter_<t>/train and the log-prob cache is the run's. Scoring
+    and training both read it.
+    """
+    loss_name, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
+    run_dir, policy = run_directory(config), policy_path(config, t)
+    reference = policy if ref_is_current else config.model.ref_name_or_path or config.model.name_or_path
+    return from_mapping(TrainConfig, {
+        "model": {**to_dict(config.model), "name_or_path": policy, "ref_name_or_path": reference,
+                  "prev_name_or_path": policy if loss_name == "inpo" else None},
+        "data": {**to_dict(config.data), "cache_dir": str(run_dir / "logp_cache")},
+        "loss": {**to_dict(config.loss), "name": loss_name},
+        "optim": {**to_dict(config.optim), "seed": stage_seed(config.run.seed, t, 2) % 2**31},
+        "output": {**to_dict(config.output), "dir": str(run_dir / f"iter_{t}" / "train")},
+    }, source=f"<iteration {t} of {run_dir}>")
+
+
+_UNSET = object()
+
+
+def _changes(old: Mapping, new: Mapping, prefix: str = ""):
+    """(dotted key, old value, new value) of every difference, sections compared key by key."""
+    for key in [*new, *(key for key in old if key not in new)]:
+        before, after = old.get(key, _UNSET), new.get(key, _UNSET)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            yield from _changes(before, after, f"{prefix}{key}.")
+        elif before != after:
+            yield f"{prefix}{key}", before, after
+
+
+def config_change(saved: Mapping, config: OnlineConfig) -> str | None:
+    """Why `config` may not continue a run made with the config `saved` (as read from its
+    config.yaml), naming the first key that changed; None when it may: the same config, or a larger
+    run.iterations with prompts.files (if set) extended by the added iterations' files."""
+    import yaml
+
+    def show(value: Any) -> str:
+        return "unset" if value is _UNSET else repr(value)
+
+    for key, before, after in _changes(saved, yaml.safe_load(yaml.safe_dump(to_dict(config), sort_keys=False))):
+        if key == "run.iterations" and isinstance(before, int) and isinstance(after, int):
+            if after > before:
+                continue
+            return f"run.iterations: was {before}, now {after}; a run can be extended, not shortened"
+        extended = isinstance(before, list) and isinstance(after, list) and after[: len(before)] == before
+        if key == "prompts.files" and extended:
+            continue
+        hint = "; only files for the added iterations may be appended" if key == "prompts.files" else ""
+        return f"{key}: was {show(before)}, now {show(after)}{hint}"
+    return None
