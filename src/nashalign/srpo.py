@@ -9,7 +9,7 @@ user turn asks for a revision (`revision_instruction`), so for a chat model
 with the glue after y rendered by the tokenizer's own chat template. A tokenizer without a chat
 template gets `x + y + "\\n\\n" + instruction + "\\n"`. A `revision_template` (a format string with
 {prompt} and {response}) replaces both. Training and inference build T from the same texts (the
-prompt as rendered for the policy, the response decoded without its EOS), so the model is asked to
+prompt as rendered for the policy, the response decoded without its final stop token), so the model is asked to
 revise exactly in the form it was trained on.
 
 Offline SRPO scores a pair (x, y_w, y_l) as three pairs sharing the responses: (x, y_w, y_l),
