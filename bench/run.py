@@ -42,8 +42,8 @@ from bench.workloads import WORKLOADS, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("peak", "trl-dpo", "nashalign-dpo", "nashalign-dpo-padded", "nashalign-inpo", "inpo-in-memory",
-         "generation", "trl-dpo-ref-in-memory")
-DEFAULT_SIDES = SIDES[1:-1]
+         "generation", "trl-dpo-ref-in-memory", "nashalign-srpo", "nashalign-sparsepo", "nashalign-sparsepo-learned")
+DEFAULT_SIDES = SIDES[1:7]
 NAMES = {
     "trl-dpo": "TRL DPOTrainer, DPO, ref log-probs precomputed",
     "trl-dpo-ref-in-memory": "TRL DPOTrainer, DPO, ref model in memory (TRL's default)",
@@ -51,6 +51,9 @@ NAMES = {
     "nashalign-dpo-padded": "nashalign, DPO, padded batches",
     "nashalign-inpo": "nashalign, INPO, packed",
     "inpo-in-memory": "INPO with π_ref, π_t in memory (packed)",
+    "nashalign-srpo": "nashalign, SRPO, packed (six sequences per pair)",
+    "nashalign-sparsepo": "nashalign, SparsePO, activation masks, padded",
+    "nashalign-sparsepo-learned": "nashalign, SparsePO, learned masks, padded",
 }
 # Per side: (FLOPs per parameter and token, tokens through the body, positions through the lm_head).
 # Forward + backward is 6 per parameter and token; a no_grad forward of another model adds 2.
@@ -62,6 +65,10 @@ WORK = {
     "nashalign-dpo-padded": (6, "user_tokens", "responses"),
     "nashalign-inpo": (6, "packed", "responses"),
     "inpo-in-memory": (10, "packed", "responses"),
+    "nashalign-srpo": (6, "srpo_packed", "srpo_responses"),
+    # the policy's forward + backward and π_ref's forward (kept in memory) on the same padded batch
+    "nashalign-sparsepo": (8, "user_tokens", "responses"),
+    "nashalign-sparsepo-learned": (8, "user_tokens", "responses"),
 }
 
 
@@ -99,6 +106,12 @@ def child(side: str, directory: Path, workload: Workload, threads: int) -> dict:
         result = sides.nashalign_train(directory, workload, loss="dpo", packing=False)
     elif side == "nashalign-inpo":
         result = sides.nashalign_train(directory, workload, loss="inpo", packing=True)
+    elif side == "nashalign-srpo":
+        result = sides.nashalign_train(directory, workload, loss="srpo", packing=True)
+    elif side == "nashalign-sparsepo":
+        result = sides.nashalign_train(directory, workload, loss="sparsepo", packing=False)
+    elif side == "nashalign-sparsepo-learned":
+        result = sides.nashalign_train(directory, workload, loss="sparsepo", packing=False, mask="learned")
     elif side == "inpo-in-memory":
         result = sides.inpo_in_memory(directory, workload, packing=True)
     elif side == "generation":
@@ -114,7 +127,9 @@ def child(side: str, directory: Path, workload: Workload, threads: int) -> dict:
 def run_child(side: str, directory: Path, args) -> dict:
     command = [sys.executable, "-m", "bench.run", "--child", side, "--dir", str(directory),
                "--workload", args.workload, "--threads", str(args.threads), "--steps", str(args.steps)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    # The checkout's own code is measured, also where another copy of nashalign is installed.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
     began = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -207,6 +222,11 @@ def summarize(workload: Workload, params: dict, results: dict[str, dict], info: 
             "dpo (ref)": results["nashalign-dpo"]["scoring_seconds"] / pairs,
             "inpo (ref, prev)": results["nashalign-inpo"]["scoring_seconds"] / pairs,
         }
+    if "nashalign-srpo" in rows and "nashalign-dpo" in rows:
+        summary["srpo_over_dpo"] = step_ratio("nashalign-srpo", "nashalign-dpo")
+    for side in ("nashalign-sparsepo", "nashalign-sparsepo-learned"):
+        if side in rows and "nashalign-dpo-padded" in rows:
+            summary.setdefault("sparsepo_over_dpo_padded", {})[side] = step_ratio(side, "nashalign-dpo-padded")
     if "inpo-in-memory" in rows and "nashalign-inpo" in rows:
         summary["in_memory_over_cached"] = step_ratio("inpo-in-memory", "nashalign-inpo")
     if "generation" in results:
@@ -235,6 +255,10 @@ def table(summary: dict) -> str:
         out.append(f"INPO step / DPO step (both from the cache): {summary['inpo_over_dpo']:.2f}; scoring before "
                    "training, seconds per pair: " + ", ".join(
                        f"{k} {v:.2f}" for k, v in summary["scoring_seconds_per_pair"].items()))
+    if "srpo_over_dpo" in summary:
+        out.append(f"SRPO step / DPO step (both packed, ref from the cache): {summary['srpo_over_dpo']:.2f}")
+    for side, ratio in summary.get("sparsepo_over_dpo_padded", {}).items():
+        out.append(f"{NAMES[side]} step / padded DPO step: {ratio:.2f}")
     if "in_memory_over_cached" in summary:
         out.append(f"INPO step with models in memory / from the cache: {summary['in_memory_over_cached']:.2f}")
     if "generation" in summary:
@@ -249,7 +273,7 @@ def main() -> int:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="chat60m")
     parser.add_argument("--sides", default=",".join(DEFAULT_SIDES),
                         help="comma-separated, in this order by default: " + ", ".join(DEFAULT_SIDES)
-                        + "; also available: trl-dpo-ref-in-memory")
+                        + "; also available: " + ", ".join(SIDES[7:]))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (first is warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1,
@@ -293,6 +317,8 @@ def main() -> int:
                     results["peak"].append(run_child("peak", directory, args))
             results["peak"].append(run_child("peak", directory, args))
         results.update({side: combine(side_runs) for side, side_runs in runs.items()})
+    if args.json:  # the raw measurements first: they cost minutes, the summary is recomputed from them
+        Path(args.json).write_text(json.dumps({"raw": results, "params": params, "machine": info}, indent=2) + "\n")
     summary = summarize(workload, params, results, info)
     print(table(summary))
     if args.json:

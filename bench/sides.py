@@ -11,7 +11,7 @@ import gc
 import time
 from pathlib import Path
 
-from bench.workloads import Workload, text_records, token_records
+from bench.workloads import Workload, text_records, token_records, word_tokenizer
 
 
 def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
@@ -35,12 +35,25 @@ def step_work(workload: Workload) -> list[dict[str, int]]:
     packed       P + C + 1 + R per pair: the real tokens a packed batch runs through the model
     responses    C + R: the positions nashalign projects onto the vocabulary
     padded       2B × longest row: what a padded batch runs (collate_pairs, TRL)
+    srpo_packed, srpo_responses   the same two for srpo's three pairs per record (the pair and both
+                 responses as revisions of each: nashalign.srpo.revision_pairs, the default revision prompt)
     """
+    from nashalign.data import TokenizedPair
+    from nashalign.packing import packed_length
+    from nashalign.srpo import revision_format, revision_pairs
+
     records = token_records(workload)
+    tokenizer = word_tokenizer(workload.vocab_size)
+    revised = revision_pairs([TokenizedPair(p, c, r, str(i)) for i, (p, c, r) in enumerate(records)], tokenizer,
+                             revision_format(tokenizer))
     steps = []
     for start in range(0, len(records), workload.pairs_per_step):
         chunk = records[start : start + workload.pairs_per_step]
+        triples = [revised[block * len(records) + i] for block in range(3)
+                   for i in range(start, start + len(chunk))]
         steps.append({
+            "srpo_packed": sum(packed_length(pair) for pair in triples),
+            "srpo_responses": 3 * sum(len(c) + len(r) for _, c, r in chunk),
             "user_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in chunk),
             "packed": sum(len(p) + len(c) + 1 + len(r) for p, c, r in chunk),
             "responses": sum(len(c) + len(r) for _, c, r in chunk),
@@ -67,7 +80,7 @@ def _nashalign_pairs(directory: Path, workload: Workload):
     return tokenizer, pairs
 
 
-def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: bool) -> dict:
+def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: bool, **loss_settings) -> dict:
     """train_pairs as a user runs it: ref (and prev for inpo) scored into the cache first, then only the
     policy trains. The pairs are handed over in the order that makes step k train records
     kB … (k+1)B-1, as TRL's sequential sampler does, so both sides see the same batches."""
@@ -89,7 +102,7 @@ def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: 
         "model": model,
         "data": {"max_length": workload.max_length, "max_prompt_length": workload.max_prompt_length,
                  "scoring_batch_size": workload.pairs_per_step, "packing": packing},
-        "loss": {"name": loss, "beta": 0.1},
+        "loss": {"name": loss, "beta": 0.1, **loss_settings},
         "optim": {"per_device_batch_size": workload.pairs_per_step, "max_steps": workload.steps, "lr": 1e-6,
                   "schedule": "linear", "warmup_steps": 0, "max_grad_norm": 1.0, "seed": seed},
         "output": {"dir": str(directory / f"run-{loss}-{packing}"), "save_steps": 0, "report_to": "none"},

@@ -15,6 +15,7 @@ from nashalign import NashalignError
 from nashalign.losses import (
     LOSSES,
     TENSOR_INPUTS,
+    TOKEN_INPUTS,
     WITHOUT_SFT,
     dpo,
     inpo,
@@ -28,7 +29,9 @@ from nashalign.losses import (
     online_ipo,
     preference_metrics,
     sft,
+    sparsepo,
     sppo,
+    srpo,
     with_sft,
 )
 
@@ -87,6 +90,7 @@ ALL_VARIANTS = {
     "sppo": make_loss("sppo", beta=0.1),
     "sft": make_loss("sft"),
     "rpo": make_loss("dpo", beta=0.1, sft_weight=0.5),
+    "srpo": make_loss("srpo", beta=0.1),
     "inpo_optimistic": make_loss("inpo-optimistic", eta=0.005, tau=0.005 / 3),
     "inpo_optimistic_aux": make_loss("inpo-optimistic-aux", eta=0.005, tau=0.005 / 3),
     "online_ipo": make_loss("online-ipo", tau=0.1),
@@ -806,6 +810,8 @@ def test_loss_hyperparameters():
     assert loss_hyperparameters("dpo") == ("beta", "label_smoothing", "robust", "sft_weight")
     assert loss_hyperparameters("ipo") == ("beta", "average_log_probs", "sft_weight")
     assert loss_hyperparameters("sppo") == ("beta", "sft_weight")
+    assert loss_hyperparameters("srpo") == ("beta", "alpha", "sft_weight")
+    assert loss_hyperparameters("sparsepo") == ("beta", "lambda_u", "lambda_d", "sft_weight")
     assert loss_hyperparameters("sft") == ()
     assert loss_hyperparameters("inpo-optimistic") == ("eta", "tau", "sft_weight")
     assert loss_hyperparameters("inpo-optimistic-aux") == ("eta", "tau", "sft_weight")
@@ -822,7 +828,156 @@ def test_loss_hyperparameters():
         "eta": 0.005,
         "tau": 0.001,
         "sft_weight": 0.0,
+        "alpha": 0.8,
+        "lambda_u": 0.001,
+        "lambda_d": 0.001,
     }
     for name in LOSSES:
         fn = make_loss(name, **{key: flat_config[key] for key in loss_hyperparameters(name)})
         assert isinstance(fn, functools.partial)
+
+
+# ---------------------------------------------------------------- srpo
+
+
+def srpo_batch(h: dict[str, float], ref: float = -7.0) -> dict[str, torch.Tensor]:
+    """srpo inputs with log π − log π_ref = h[name] for each of the six sequences (ref log-probs `ref`)."""
+    batch = {}
+    for name, value in h.items():
+        batch[f"ref_{name}_logps"] = t(ref)
+        batch[f"policy_{name}_logps"] = t(ref + value)
+    return batch
+
+
+SRPO_H = {"chosen": 1.0, "rejected": -1.0, "chosen_given_rejected": 2.0, "rejected_given_rejected": 0.0,
+          "chosen_given_chosen": 0.5, "rejected_given_chosen": -0.5}
+
+
+def test_srpo_hand_values():
+    """β = 0.5, α = 0.25, h(y_w|x) = 1, h(y_l|x) = −1, h(y_w|T(x,y_l)) = 2, h(y_l|T(x,y_l)) = 0,
+    h(y_w|T(x,y_w)) = 0.5, h(y_l|T(x,y_w)) = −0.5:
+
+        L_SI  = (½ − 0.5·(2 − 0))² + (½ − 0.5·(0.5 + 0.5))² = 0.25 + 0 = 0.25
+        L_gen = (0.5·(2 + 1 + 0.5 + 1) − 1)² = 1.25² = 1.5625
+        L     = 0.25·0.25 + 0.75·1.5625 = 1.234375
+
+    All h = 0 (policy = reference): L_SI = ¼ + ¼, L_gen = 1, L = 0.25·0.5 + 0.75 = 0.875.
+    """
+    assert_close(srpo(**srpo_batch(SRPO_H), beta=0.5, alpha=0.25), t(1.234375))
+    assert_close(srpo(**srpo_batch(dict.fromkeys(SRPO_H, 0.0)), beta=0.5, alpha=0.25), t(0.875))
+    assert_close(make_loss("srpo", beta=0.5)(**srpo_batch(dict.fromkeys(SRPO_H, 0.0))), t(0.8 * 0.5 + 0.2))
+
+
+@PROPERTY_SETTINGS
+@given(batch=pair_batches(), beta=beta_values, change=shift)
+def test_srpo_alpha_zero_depends_only_on_the_generative_term(batch, beta, change):
+    """α = 0: the loss is (β[h(y_w|T(x,y_l)) + h(y_w|x) − h(y_l|T(x,y_w)) − h(y_l|x)] − 1)²; changing
+    the two sequences only L_SI reads (y_l | T(x,y_l)) and (y_w | T(x,y_w)) changes nothing, and their
+    gradients are 0. α = 1 is the mirror image: the x-conditioned sequences drop out."""
+    fn = make_loss("srpo", beta=beta, alpha=0.0)
+
+    def h(name):
+        return batch[f"policy_{name}_logps"] - batch[f"ref_{name}_logps"]
+
+    generative = (beta * (h("chosen_given_rejected") + h("chosen") - h("rejected_given_chosen") - h("rejected")) - 1) ** 2
+    assert_close(call(fn, batch), generative)
+    moved = dict(batch)
+    for name in ("policy_rejected_given_rejected_logps", "policy_chosen_given_chosen_logps"):
+        moved[name] = batch[name] + change
+    assert_close(call(fn, moved), call(fn, batch))
+    leaves = {key: value.clone().requires_grad_() for key, value in batch.items()}
+    call(fn, leaves).sum().backward()
+    for name in ("policy_rejected_given_rejected_logps", "policy_chosen_given_chosen_logps"):
+        assert_close(leaves[name].grad, torch.zeros_like(batch[name]))
+    self_improvement = make_loss("srpo", beta=beta, alpha=1.0)
+    for name in ("policy_chosen_logps", "policy_rejected_logps"):
+        moved = {**batch, name: batch[name] + change}
+        assert_close(call(self_improvement, moved), call(self_improvement, batch))
+
+
+@PROPERTY_SETTINGS
+@given(beta=beta_values, alpha=st.floats(0.0, 1.0), free=st.lists(shift, min_size=3, max_size=3))
+def test_srpo_is_zero_at_the_closed_form_optimum(beta, alpha, free):
+    """The optimum π†(y'|y,x) ∝ π_ref·exp(p(y' ≻ y)/β) with p(y_w ≻ y_l) = 1 gives
+    β[h(y_w|T(x,y)) − h(y_l|T(x,y))] = ½ for y = y_l and y = y_w, and the robust generator
+    β[h(y_w|x) − h(y_l|x)] = 1 + β[h(y_l|T(x,y_w)) − h(y_w|T(x,y_l))]: any h satisfying the three
+    (three free values) has loss 0 for every α."""
+    a, b, c = free
+    h = {"rejected_given_rejected": a, "chosen_given_rejected": a + 1 / (2 * beta),
+         "rejected_given_chosen": b, "chosen_given_chosen": b + 1 / (2 * beta), "rejected": c}
+    h["chosen"] = c + 1 / beta + h["rejected_given_chosen"] - h["chosen_given_rejected"]
+    assert_close(srpo(**srpo_batch(h), beta=beta, alpha=alpha), t(0.0), atol=1e-9, rtol=0)
+
+
+def test_srpo_rejects_alpha_outside_the_unit_interval():
+    for alpha in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(NashalignError, match="'alpha'"):
+            make_loss("srpo", beta=0.1, alpha=alpha)
+
+
+# ---------------------------------------------------------------- sparsepo
+
+
+def test_sparsepo_hand_values():
+    """One pair, T = 3 (last position outside the response), β = 2, λ_u = 0.1, λ_d = 0.01:
+
+        chosen:   u = (0.5, −0.2), m_u = (1, 0.5)  → U_c = 0.5 − 0.1 = 0.4
+                  d = (−0.1, −0.3), m_d = (1, 1)   → D_c = −0.4
+        rejected: u = (−0.4, 0.6), m_u = (0.5, 0.5) → U_r = −0.2 + 0.3 = 0.1
+                  d = (−0.2, −0.2), m_d = (0.5, 0) → D_r = −0.1
+        z = β[(U_c − U_r) − (D_c − D_r)] = 2·(0.3 + 0.3) = 1.2
+        loss = log(1 + e^−1.2) + 0.1·(1.5 + 1.0) + 0.01·(2 + 0.5) = log(1 + e^−1.2) + 0.275
+    """
+    inputs = {
+        "chosen_token_log_ratios": [[0.5, -0.2, 0.0]], "chosen_reward_weights": [[1.0, 0.5, 0.0]],
+        "chosen_token_kl_terms": [[-0.1, -0.3, 0.0]], "chosen_kl_weights": [[1.0, 1.0, 0.0]],
+        "rejected_token_log_ratios": [[-0.4, 0.6, 0.0]], "rejected_reward_weights": [[0.5, 0.5, 0.0]],
+        "rejected_token_kl_terms": [[-0.2, -0.2, 0.0]], "rejected_kl_weights": [[0.5, 0.0, 0.0]],
+    }
+    inputs = {key: torch.tensor(value, dtype=torch.float64) for key, value in inputs.items()}
+    expected = math.log1p(math.exp(-1.2)) + 0.275
+    assert_close(sparsepo(**inputs, beta=2.0, lambda_u=0.1, lambda_d=0.01), t(expected))
+    fn = make_loss("sparsepo", beta=2.0, lambda_u=0.1, lambda_d=0.01)
+    assert loss_inputs(fn) == TOKEN_INPUTS
+    assert_close(fn(**inputs), t(expected))
+
+
+@PROPERTY_SETTINGS
+@given(beta=beta_values, seed=st.integers(0, 2**16))
+def test_sparsepo_with_unit_reward_mask_and_no_divergence_term_is_dpo(beta, seed):
+    """m_u = 1 on the response, m_d = 0, λ_u = λ_d = 0: U = Σ_t u_t = (π − ref) summed, so sparsepo is
+    DPO exactly, whatever d_t is (random token log-probs, random response masks, float64)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, 6)
+    response = torch.rand(shape, generator=g) < 0.7
+    response[:, 0] = True
+    token = {f"{model}_{side}": -5 * torch.rand(shape, generator=g, dtype=torch.float64) * response
+             for model in ("policy", "ref") for side in ("chosen", "rejected")}
+    inputs = {}
+    for side in ("chosen", "rejected"):
+        inputs[f"{side}_token_log_ratios"] = token[f"policy_{side}"] - token[f"ref_{side}"]
+        inputs[f"{side}_reward_weights"] = response.double()
+        inputs[f"{side}_token_kl_terms"] = -torch.rand(shape, generator=g, dtype=torch.float64) * response
+        inputs[f"{side}_kl_weights"] = torch.zeros(shape, dtype=torch.float64)
+    expected = dpo(**{f"{model}_{side}_logps": token[f"{model}_{side}"].sum(-1)
+                      for model in ("policy", "ref") for side in ("chosen", "rejected")}, beta=beta)
+    assert_close(sparsepo(**inputs, beta=beta, lambda_u=0.0, lambda_d=0.0), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sparsepo_gradient_reaches_tokens_in_proportion_to_their_mask():
+    """dL/du_t = −β·σ(−z)·m_u,t for the chosen response: a token with mask 0 gets no gradient, one
+    with mask 0.5 half of what a mask-1 token gets; the divergence term enters with the opposite sign."""
+    inputs = {name: torch.zeros(1, 3, dtype=torch.float64) for name in TOKEN_INPUTS}
+    inputs["chosen_reward_weights"] = torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64)
+    inputs["chosen_kl_weights"] = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    ratios = inputs["chosen_token_log_ratios"].requires_grad_()
+    terms = inputs["chosen_token_kl_terms"].requires_grad_()
+    sparsepo(**inputs, beta=0.5, lambda_u=0.0, lambda_d=0.0).sum().backward()
+    assert_close(ratios.grad, torch.tensor([[-0.25, -0.125, 0.0]], dtype=torch.float64))  # −β·σ(0)·m_u
+    assert_close(terms.grad, torch.tensor([[0.0, 0.25, 0.0]], dtype=torch.float64))
+
+
+def test_sparsepo_rejects_negative_lambdas():
+    for key in ("lambda_u", "lambda_d"):
+        with pytest.raises(NashalignError, match=f"'{key}'"):
+            make_loss("sparsepo", beta=0.1, **{key: -0.001})

@@ -329,12 +329,12 @@ def test_trainer_with_packing_logs_the_same_steps(tiny_model_dir, tmp_path, monk
     """Two INPO optimizer steps (4 pairs in 2 micro-batches, then 2 pairs) with data.packing on and off: the
     same per-step loss, log-probs and gradient norm (1e-5 relative), and the same token count
     (prompt + chosen + prompt + rejected, whatever the layout). The packed run did pack (3 calls)."""
-    from nashalign import train
+    from nashalign import objectives
     from nashalign.config import TrainConfig, from_mapping
     from nashalign.train import train_pairs
 
-    packed_batches = []
-    monkeypatch.setattr(train, "pack_pairs", lambda chunk, pad_id: packed_batches.append(chunk) or pack_pairs(chunk, pad_id))
+    packed_batches = []  # training micro-batches are laid out by the objective (nashalign.objectives)
+    monkeypatch.setattr(objectives, "pack_pairs", lambda chunk, pad_id: packed_batches.append(chunk) or pack_pairs(chunk, pad_id))
     pairs = random_pairs(7, 6)
     runs = {}
     for packs in (False, True):

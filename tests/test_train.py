@@ -353,7 +353,8 @@ def test_reference_models_are_freed_before_training_and_cached(model_dirs, token
 
 
 @pytest.mark.parametrize(
-    ("loss", "steps"), [("dpo", 12), ("ipo", 12), ("inpo", 12), ("sppo", 12)]
+    ("loss", "steps"),
+    [("dpo", 12), ("ipo", 12), ("inpo", 12), ("sppo", 12), ("srpo", 12), ("sparsepo", 12), ("sparsepo:learned", 12)],
 )
 def test_pair_accuracy_rises_on_a_learnable_task(model_dirs, tokenizer, tmp_path, loss, steps):
     """Chosen responses count up from the prompt's number, rejected ones are random numbers.
@@ -361,11 +362,13 @@ def test_pair_accuracy_rises_on_a_learnable_task(model_dirs, tokenizer, tmp_path
     Before training, policy = reference, so every implicit reward margin is 0 (no preference: chance,
     0.5, counting ties as half). After a dozen
     steps, the fraction of training pairs with r_chosen > r_rejected (r = log π − log π_ref) is ≥ 0.9.
+    (srpo: the generator's margins, log π(y | x); sparsepo: activation masks, or `:learned` masks.)
     """
     from transformers import AutoModelForCausalLM
 
     pairs = make_pairs(tokenizer, 16, seed=1)
-    config = make_config(model_dirs, tmp_path, loss={"name": loss, "beta": 0.1},
+    name, _, mask = loss.partition(":")
+    config = make_config(model_dirs, tmp_path, loss={"name": name, "beta": 0.1, **({"mask": mask} if mask else {})},
                          optim={"per_device_batch_size": 8, "max_steps": steps, "lr": 5e-3})
     first_margin = None
 

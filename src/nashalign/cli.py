@@ -16,9 +16,10 @@ from nashalign import NashalignError, __version__
 
 COMMANDS = {
     "game": "run INPO and baselines on a finite preference game and report the duality gap",
-    "train": "train a causal language model on preference pairs (dpo, ipo, inpo, sppo, + sft)",
+    "train": "train a causal language model on preference pairs (dpo, ipo, inpo, sppo, srpo, sparsepo, + sft)",
     "online": "run the online INPO loop: sample, judge, build pairs, train; resumable",
     "eval": "win rates, length-controlled win rate, ranking accuracy, KL",
+    "revise": "SRPO self-revision: answer, revise N times with the same model, compare round N with round 0",
     "demo": "the embedded end-to-end demo: a tiny model aligned on an intransitive preference",
 }
 

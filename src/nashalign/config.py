@@ -150,9 +150,9 @@ class DataConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    name: Literal["dpo", "ipo", "inpo", "sppo"] = _field("dpo", "pairwise loss")
+    name: Literal["dpo", "ipo", "inpo", "sppo", "srpo", "sparsepo"] = _field("dpo", "pairwise loss")
     beta: float = _field(
-        0.1, "KL weight of dpo / ipo / sppo, and the scale of the logged implicit rewards", gt=0
+        0.1, "KL weight of dpo / ipo / sppo / srpo / sparsepo, and the scale of the logged implicit rewards", gt=0
     )
     label_smoothing: float = _field(0.0, "dpo: probability that a label is flipped", ge=0, lt=0.5)
     robust: bool = _field(False, "dpo with label_smoothing: robust DPO (unbiased) instead of conservative DPO")
@@ -160,10 +160,37 @@ class LossConfig:
     eta: float = _field(0.005, "inpo: KL weight towards π_t (1/eta is the step size)", gt=0)
     tau: float | None = _field(None, "inpo: KL weight towards π_ref; unset: eta / 3", ge=0)
     sft_weight: float = _field(0.0, "weight of the added SFT term (mean NLL per chosen token)", ge=0)
+    alpha: float = _field(0.8, "srpo: weight of the self-improvement term (1 - alpha: the generative term)", ge=0, le=1)
+    revision_instruction: str = _field(
+        "Improve this answer.", "srpo: the request to revise, asked as the next user turn after the answer"
+    )
+    revision_template: str | None = _field(
+        None, "srpo: the revision prompt as a format string with {prompt} and {response}; unset: the "
+        "chat-template turn with revision_instruction (see docs/training.md)"
+    )
+    lambda_u: float = _field(0.001, "sparsepo: L1 weight of the reward-term mask", ge=0)
+    lambda_d: float = _field(0.001, "sparsepo: L1 weight of the divergence-term mask", ge=0)
+    mask: Literal["activations", "learned"] = _field(
+        "activations", "sparsepo: masks from π_ref's activations, or learned by a network on its hidden states"
+    )
+    mask_activations: list[Literal["mlp", "attention", "residual"]] = _field(
+        help="sparsepo activation masks: the per-layer outputs averaged into the mask",
+        factory=lambda: ["mlp", "attention", "residual"],
+    )
+    shared_mask: bool = _field(False, "sparsepo learned masks: one mask for both terms instead of two")
+    mask_weight_decay: float = _field(0.0, "sparsepo learned masks: AdamW weight decay of the mask network", ge=0)
 
     def check(self) -> None:
         if self.tau is not None and self.tau >= self.eta:
             raise ConfigFieldError("tau", f"expected tau < eta ({self.eta}) so that tau/eta < 1, got {self.tau}")
+        if not self.mask_activations:
+            raise ConfigFieldError("mask_activations", "expected at least one of mlp, attention, residual")
+        if self.revision_template is not None:
+            from nashalign.srpo import template_problem
+
+            problem = template_problem(self.revision_template)
+            if problem:
+                raise ConfigFieldError("revision_template", problem)
 
     def resolve(self) -> None:
         if self.tau is None:

@@ -14,6 +14,9 @@ Losses are computed in at least float32: bfloat16 numbers near 200 (a summed log
 by 1.0, and INPO's target 1/(2η) = 100 by 0.5, so doing the arithmetic in bfloat16 would swamp the
 signal. The result has dtype promote(input, float32); gradients flow back in the input dtype.
 
+sparsepo is the exception to the (B,) rule: it weighs individual tokens, so it reads the per-token
+TOKEN_INPUTS of shape (B, T) and still returns (B,).
+
 Pick a loss once with `make_loss(name, **hyperparameters)`, which validates the hyperparameters and
 binds them with functools.partial; `loss_hyperparameters(name)` names the hyperparameters it takes and
 `loss_inputs(fn)` the tensors the bound loss reads.
@@ -49,8 +52,31 @@ TENSOR_INPUTS: tuple[str, ...] = (
     "policy_logps",
     "ref_logps",
     "mixture_win_rate",
+    "policy_chosen_given_rejected_logps",
+    "policy_rejected_given_rejected_logps",
+    "policy_chosen_given_chosen_logps",
+    "policy_rejected_given_chosen_logps",
+    "ref_chosen_given_rejected_logps",
+    "ref_rejected_given_rejected_logps",
+    "ref_chosen_given_chosen_logps",
+    "ref_rejected_given_chosen_logps",
 )
-"""Every tensor input a trainer can provide, each of shape (B,)."""
+"""Every tensor input of shape (B,) a trainer can provide. `*_given_rejected_logps` are log-probs of a
+response as a revision of the rejected one, log π(y | T(x, y_l)) (srpo); `*_given_chosen_*` of y_w."""
+
+TOKEN_INPUTS: tuple[str, ...] = (
+    "chosen_token_log_ratios",
+    "rejected_token_log_ratios",
+    "chosen_token_kl_terms",
+    "rejected_token_kl_terms",
+    "chosen_reward_weights",
+    "rejected_reward_weights",
+    "chosen_kl_weights",
+    "rejected_kl_weights",
+)
+"""Per-token inputs of shape (B, T), 0 outside the response (sparsepo): u_t = log π(y_t) − log π_ref(y_t),
+d_t = Σ_v π_ref(v)·(log π(v) − log π_ref(v)) at the position predicting y_t, and the mask weights
+m_u, m_d ≥ 0 applied to them."""
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -129,6 +155,19 @@ def _check_ipo(beta: object, average_log_probs: object) -> None:
 
 def _check_sppo(beta: object) -> None:
     _check_beta("sppo", beta)
+
+
+def _check_srpo(beta: object, alpha: object) -> None:
+    _check_beta("srpo", beta)
+    if not 0 <= _check_real("srpo", "alpha", alpha) <= 1:
+        raise NashalignError(f"loss 'srpo': hyperparameter 'alpha' must be in [0, 1], got {alpha!r}")
+
+
+def _check_sparsepo(beta: object, lambda_u: object, lambda_d: object) -> None:
+    _check_beta("sparsepo", beta)
+    for key, value in (("lambda_u", lambda_u), ("lambda_d", lambda_d)):
+        if _check_real("sparsepo", key, value) < 0:
+            raise NashalignError(f"loss 'sparsepo': hyperparameter {key!r} must be >= 0, got {value!r}")
 
 
 def _check_sft() -> None:
@@ -419,6 +458,96 @@ def sppo(
     return (chosen - chosen_target) ** 2 + (rejected - rejected_target) ** 2
 
 
+def srpo(
+    *,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    policy_chosen_given_rejected_logps: Tensor,
+    policy_rejected_given_rejected_logps: Tensor,
+    policy_chosen_given_chosen_logps: Tensor,
+    policy_rejected_given_chosen_logps: Tensor,
+    ref_chosen_given_rejected_logps: Tensor,
+    ref_rejected_given_rejected_logps: Tensor,
+    ref_chosen_given_chosen_logps: Tensor,
+    ref_rejected_given_chosen_logps: Tensor,
+    beta: float,
+    alpha: float = 0.8,
+) -> Tensor:
+    """SRPO loss (Choi et al., ICLR 2025) with hard labels, per example. All inputs (B,), returns (B,).
+
+    One model generates (y | x) and revises (y' | T(x, y), T the revision template). With
+    h(y | c) = log π(y | c) − log π_ref(y | c):
+
+        L_SI  = (½ − β[h(y_w | T(x,y_l)) − h(y_l | T(x,y_l))])² + (½ − β[h(y_w | T(x,y_w)) − h(y_l | T(x,y_w))])²
+        L_gen = (β[h(y_w | T(x,y_l)) + h(y_w | x) − h(y_l | T(x,y_w)) − h(y_l | x)] − 1)²
+        loss  = α·L_SI + (1 − α)·L_gen
+
+    α in [0, 1] weighs self-improvement against generation (0.8 and β = 0.1 in the closed TRL pull
+    request). Both terms are the closed-form optimum π†(y' | y, x) ∝ π_ref·exp(p(y' ≻ y | x)/β) written
+    for p(y_w ≻ y_l) = 1; docs/training.md derives them and says where this differs from the paper.
+    """
+    _check_srpo(beta, alpha)
+    h_chosen = _log_ratio(policy_chosen_logps, ref_chosen_logps)
+    h_rejected = _log_ratio(policy_rejected_logps, ref_rejected_logps)
+    h_chosen_given_rejected = _log_ratio(policy_chosen_given_rejected_logps, ref_chosen_given_rejected_logps)
+    h_rejected_given_rejected = _log_ratio(policy_rejected_given_rejected_logps, ref_rejected_given_rejected_logps)
+    h_chosen_given_chosen = _log_ratio(policy_chosen_given_chosen_logps, ref_chosen_given_chosen_logps)
+    h_rejected_given_chosen = _log_ratio(policy_rejected_given_chosen_logps, ref_rejected_given_chosen_logps)
+    self_improvement = (0.5 - beta * (h_chosen_given_rejected - h_rejected_given_rejected)) ** 2 + (
+        0.5 - beta * (h_chosen_given_chosen - h_rejected_given_chosen)
+    ) ** 2
+    generative = (
+        beta * (h_chosen_given_rejected + h_chosen - h_rejected_given_chosen - h_rejected) - 1
+    ) ** 2
+    return alpha * self_improvement + (1 - alpha) * generative
+
+
+def sparsepo(
+    *,
+    chosen_token_log_ratios: Tensor,
+    rejected_token_log_ratios: Tensor,
+    chosen_token_kl_terms: Tensor,
+    rejected_token_kl_terms: Tensor,
+    chosen_reward_weights: Tensor,
+    rejected_reward_weights: Tensor,
+    chosen_kl_weights: Tensor,
+    rejected_kl_weights: Tensor,
+    beta: float,
+    lambda_u: float = 0.001,
+    lambda_d: float = 0.001,
+) -> Tensor:
+    """SparsePO loss (Christopoulou et al., 2024), per example. Token inputs (B, T), returns (B,).
+
+    u_t = log π(y_t) − log π_ref(y_t), d_t = Σ_v π_ref(v)·(log π(v) − log π_ref(v)) (= −KL(π_ref ‖ π)
+    at the position predicting y_t), masks m_u, m_d ≥ 0; every input is 0 outside the response, and
+    the sums run over tokens (not means):
+
+        U = Σ_t m_u,t·u_t        D = Σ_t m_d,t·d_t
+        loss = −log σ(β[(U_c − U_r) − (D_c − D_r)]) + λ_u(‖m_u,c‖₁ + ‖m_u,r‖₁) + λ_d(‖m_d,c‖₁ + ‖m_d,r‖₁)
+
+    With m_u = 1 on the response, m_d = 0 and λ_u = λ_d = 0 this is DPO. The authors' defaults:
+    β = 0.1, λ_u = λ_d = 0.001. The masks are not range-checked here (no device synchronization).
+    """
+    _check_sparsepo(beta, lambda_u, lambda_d)
+    dtype = _compute_dtype(chosen_token_log_ratios)
+
+    def weighted(values: Tensor, weights: Tensor) -> Tensor:
+        return (values.to(dtype) * weights.to(dtype)).sum(-1)
+
+    rewards = weighted(chosen_token_log_ratios, chosen_reward_weights) - weighted(
+        rejected_token_log_ratios, rejected_reward_weights
+    )
+    divergences = weighted(chosen_token_kl_terms, chosen_kl_weights) - weighted(
+        rejected_token_kl_terms, rejected_kl_weights
+    )
+    sparsity = lambda_u * (
+        chosen_reward_weights.to(dtype).abs().sum(-1) + rejected_reward_weights.to(dtype).abs().sum(-1)
+    ) + lambda_d * (chosen_kl_weights.to(dtype).abs().sum(-1) + rejected_kl_weights.to(dtype).abs().sum(-1))
+    return -F.logsigmoid(beta * (rewards - divergences)) + sparsity
+
+
 def sft(*, policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Per-token negative log-likelihood of the chosen response, per example. Inputs (B,), returns (B,).
 
@@ -448,6 +577,8 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "dpo": dpo,
     "ipo": ipo,
     "sppo": sppo,
+    "srpo": srpo,
+    "sparsepo": sparsepo,
     "sft": sft,
     "inpo-optimistic": inpo_optimistic,
     "inpo-optimistic-aux": inpo_optimistic_aux,
@@ -460,6 +591,8 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "dpo": _check_dpo,
     "ipo": _check_ipo,
     "sppo": _check_sppo,
+    "srpo": _check_srpo,
+    "sparsepo": _check_sparsepo,
     "sft": _check_sft,
     "inpo-optimistic": _check_inpo_optimistic,
     "inpo-optimistic-aux": _check_inpo_optimistic_aux,
@@ -475,7 +608,7 @@ def _hyperparameters(fn: Callable[..., Tensor]) -> dict[str, inspect.Parameter]:
     return {
         name: parameter
         for name, parameter in inspect.signature(fn).parameters.items()
-        if name not in TENSOR_INPUTS
+        if name not in TENSOR_INPUTS and name not in TOKEN_INPUTS
     }
 
 
@@ -521,14 +654,14 @@ def make_loss(name: str, **hyperparameters: object) -> functools.partial:
 
 
 def loss_inputs(fn: Callable[..., Tensor]) -> tuple[str, ...]:
-    """The tensor keyword inputs a (bound) loss reads, in contract order."""
+    """The tensor keyword inputs a (bound) loss reads, in contract order (TENSOR_INPUTS, then TOKEN_INPUTS)."""
     if isinstance(fn, functools.partial) and fn.func is _pairwise_plus_sft:
         needed = set(loss_inputs(fn.keywords["pairwise"])) | set(loss_inputs(sft))
     else:
         bound = fn.keywords if isinstance(fn, functools.partial) else {}
         target = fn.func if isinstance(fn, functools.partial) else fn
         needed = set(inspect.signature(target).parameters) - set(bound)
-    return tuple(name for name in TENSOR_INPUTS if name in needed)
+    return tuple(name for name in (*TENSOR_INPUTS, *TOKEN_INPUTS) if name in needed)
 
 
 @torch.no_grad()

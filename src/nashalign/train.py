@@ -40,10 +40,10 @@ import torch
 
 from nashalign import NashalignError, checkpoint, engine_checkpoint
 from nashalign.config import LossConfig, TrainConfig, dump_config, to_dict, validated
-from nashalign.data import TokenizedPair, TruncationReport, collate_pairs, load_records, tokenize_records
+from nashalign.data import TokenizedPair, TruncationReport, load_records, tokenize_records
 from nashalign.logprobs import pair_logps
 from nashalign.losses import loss_hyperparameters, loss_inputs, make_loss, preference_metrics, sft
-from nashalign.packing import pack_pairs
+from nashalign.objectives import make_objective
 from nashalign.scoring import load_model, load_tokenizer, reference_logps, reference_sources
 
 logger = logging.getLogger(__name__)
@@ -279,15 +279,17 @@ def train_pairs(
     if tokenizer is None:
         raise NashalignError("train_pairs: pass the tokenizer when the policy is a model object")
 
-    # 1. Log-probs of every pair under π_ref (and π_t), then only the policy stays in memory.
+    # 1. Log-probs of every pair under π_ref (and π_t), then only the policy stays in memory
+    # (sparsepo, whose terms need π_ref's full distributions, keeps π_ref too: see nashalign.objectives).
+    objective = make_objective(config, pairs, tokenizer)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "logp_cache"
     references = reference_logps(
-        policy, pairs, config, cache_dir, tokenizer.pad_token_id, accelerator.device, given, accelerator
+        policy, objective.scored_pairs, config, cache_dir, tokenizer.pad_token_id, accelerator.device, given,
+        accelerator,
     )
-    reference_columns = {
-        f"{role}_{side}_logps": logps[side] for role, logps in references.items() for side in ("chosen", "rejected")
-    }
+    reference_columns = objective.reference_columns(references)
     del references
+    objective.attach(policy, accelerator.device, resume_from, accelerator.num_processes)
     full_resume = resume_from is not None and config.model.lora is None
     if policy is None or full_resume:
         del policy
@@ -298,7 +300,7 @@ def train_pairs(
     policy = _prepare_policy(policy, config, resume_from)
     optim = config.optim
     optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
+        [{"params": [p for p in policy.parameters() if p.requires_grad]}, *objective.param_groups()],
         lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
     )
     global_batch = optim.per_device_batch_size * optim.gradient_accumulation_steps * accelerator.num_processes
@@ -354,7 +356,7 @@ def train_pairs(
             while state["step_in_epoch"] < steps_per_epoch and state["global_step"] < total_steps:
                 start = state["step_in_epoch"] * global_batch
                 metrics = _optimizer_step(
-                    order[start : start + global_batch], pairs, reference_columns, policy, optimizer,
+                    order[start : start + global_batch], objective, reference_columns, policy, optimizer,
                     scheduler, loss_fn, config, accelerator, tokenizer.pad_token_id,
                 )
                 state["step_in_epoch"] += 1
@@ -394,6 +396,7 @@ def train_pairs(
         with checkpoint.atomic_directory(final_dir, marker=None) as directory:
             final_model.save_pretrained(directory, state_dict=state_dict)
             tokenizer.save_pretrained(directory)
+            objective.save(directory)
     accelerator.wait_for_everyone()  # no process returns before final/ exists
     # Finish the trackers only: Accelerator.end_training() would also destroy the process group, which
     # a caller running several phases in one launch (the online loop) still needs.
@@ -405,7 +408,7 @@ def train_pairs(
     return TrainResult(run_dir, final_dir, metrics_file, state["global_step"], metrics, last_checkpoint)
 
 
-def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, scheduler, loss_fn, config,
+def _optimizer_step(indices, objective, reference_columns, policy, optimizer, scheduler, loss_fn, config,
                     accelerator, pad_id) -> dict[str, float]:
     """Forward/backward over the micro-batches of one global batch, clip, step; return its metrics.
 
@@ -427,13 +430,13 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
     tokens = 0
     for number, micro in enumerate(micro_batches):
         rows = micro or indices[:1]
-        batch = (pack_pairs if config.data.packing else collate_pairs)([pairs[i] for i in rows], pad_id)
+        batch = objective.collate(rows, pad_id)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         selected = torch.tensor(rows)
         references = {key: column[selected].to(accelerator.device) for key, column in reference_columns.items()}
         with _accumulating(accelerator, policy, last=number == len(micro_batches) - 1):
             with accelerator.autocast():
-                losses, policy_logps = batch_losses(policy, batch, loss_fn, references)
+                losses, policy_logps = (objective.batch_losses or batch_losses)(policy, batch, loss_fn, references)
             accelerator.backward(losses.sum() * (scale if micro else 0.0))
         # prompt + chosen + prompt + rejected tokens, however the batch lays them out
         tokens += int(2 * batch["prompt_lengths"].sum() + batch["chosen_lengths"].sum()
@@ -445,7 +448,7 @@ def _optimizer_step(indices, pairs, reference_columns, policy, optimizer, schedu
         }.items():
             collected.setdefault(key, []).append(value.detach().float()[: len(micro)])
     max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
-    grad_norm = accelerator.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_norm)
+    grad_norm = accelerator.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
     learning_rate = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
