@@ -138,7 +138,7 @@ def test_revise_command_round_trips_and_resumes(tiny_model_dir, tmp_path, monkey
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, ({"prompt": [{"role": "user", "content": f"Count up from {i}."}]} for i in range(3)))
     oracle = tmp_path / "oracle.yaml"
-    oracle.write_text("type: python\nfunction: slow_judge:prefer_vowels\n")
+    oracle.write_text("type: python\nfunction: vowel_judge:prefer_vowels\n")
     calls = []
     real_generate = TransformersSampler.generate
 
