@@ -139,6 +139,10 @@ class LossConfig:
     eta: float = _field(0.005, "inpo: KL weight towards π_t (1/eta is the step size)", gt=0)
     tau: float | None = _field(None, "inpo: KL weight towards π_ref; unset: eta / 3", ge=0)
     sft_weight: float = _field(0.0, "weight of the added SFT term (mean NLL per chosen token)", ge=0)
+    z_loss: float = _field(
+        0.0, "weight of the output-logit z-loss, mean (log Z)² over a pair's response tokens (0: off; PaLM: 1e-4)",
+        ge=0,
+    )
 
     def check(self) -> None:
         if self.tau is not None and self.tau >= self.eta:
@@ -177,8 +181,11 @@ class OutputConfig:
     save_steps: int = _field(500, "checkpoint every this many optimizer steps (0: only at the end)", ge=0)
     save_total_limit: int = _field(2, "keep only the newest this many checkpoints", ge=1)
     logging_steps: int = _field(1, "log to the progress bar and trackers every this many steps", ge=1)
-    report_to: Literal["auto", "none", "tensorboard"] = _field(
-        "auto", "trackers: auto = TensorBoard when installed"
+    report_to: Literal["auto", "none", "tensorboard", "wandb", "tensorboard,wandb"] = _field(
+        "auto", "trackers: auto = TensorBoard when installed; wandb honours WANDB_MODE=offline"
+    )
+    attention_logit_steps: int = _field(
+        10, "log the largest attention logit (metrics.jsonl) every this many optimizer steps (0: never)", ge=0
     )
 
 
