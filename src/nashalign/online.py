@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,7 @@ from nashalign.config import (
     validated,
 )
 from nashalign.data import TokenizedPair
+from nashalign.progress import rate_line
 from nashalign.prompts import (
     PromptsConfig,
     PromptSet,
@@ -193,8 +195,14 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
     )
     if isinstance(sampler, TransformersSampler):
         sampler.model.to(state.device)  # this process's device (its own GPU under accelerate launch)
+    began = time.perf_counter()
     groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
                               progress=progress and state.is_local_main_process)
+    if state.is_main_process:
+        tokens = sum(len(g.token_ids) for group in groups for g in group)
+        logger.info("%s", rate_line("sampling", len(prompts) * s.samples_per_prompt, "sample",
+                                    time.perf_counter() - began, f"{tokens} tokens from {len(prompts)} prompts"
+                                    + (" on this process" if state.num_processes > 1 else "")))
     if hasattr(sampler, "close"):
         sampler.close()
     del sampler

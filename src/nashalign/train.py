@@ -45,6 +45,7 @@ from nashalign.health import AttentionLogitProbe
 from nashalign.logprobs import pair_logps
 from nashalign.losses import loss_hyperparameters, loss_inputs, make_loss, preference_metrics, sft, z_loss
 from nashalign.packing import pack_pairs
+from nashalign.progress import rate_line
 from nashalign.scoring import load_model, load_tokenizer, reference_logps, reference_sources
 
 logger = logging.getLogger(__name__)
@@ -347,8 +348,9 @@ def train_pairs(
         return checkpoints_dir / checkpoint.checkpoint_name(step)
 
     # 3. The loop: one iteration = one optimizer step over one global batch.
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="training", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    began, first_step, first_tokens = time.perf_counter(), state["global_step"], state["tokens"]
     metrics: dict[str, float] = {}
     last_checkpoint = resume_from
     metrics_out = open(metrics_file, "a", encoding="utf-8") if accelerator.is_main_process else None
@@ -376,7 +378,8 @@ def train_pairs(
                     metrics_out.flush()
                 if step % config.output.logging_steps == 0 or step == total_steps:
                     accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}")
+                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}",
+                                         tok_s=f"{metrics['tokens_per_second']:.0f}")
                 progress.update(1)
                 if config.output.save_steps and step % config.output.save_steps == 0 and step < total_steps:
                     last_checkpoint = save(step) or last_checkpoint
@@ -390,6 +393,11 @@ def train_pairs(
         progress.close()
         if metrics_out is not None:
             metrics_out.close()
+    if accelerator.is_main_process and state["global_step"] > first_step:
+        seconds, tokens = time.perf_counter() - began, state["tokens"] - first_tokens
+        logger.info("%s", rate_line("training", state["global_step"] - first_step, "step", seconds,
+                                    f"{tokens} tokens ({tokens / max(seconds, 1e-9):.3g} tokens/s), "
+                                    f"last loss {metrics.get('loss', math.nan):.4g}"))
 
     # 4. The final model in Hugging Face format (LoRA merged into the base weights).
     accelerator.wait_for_everyone()
