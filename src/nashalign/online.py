@@ -70,6 +70,7 @@ from nashalign.prompts import (
     render_prompt,
 )
 from nashalign.sharding import from_main, process_state, split_oracle
+from nashalign.trackers import IterationTrackers
 
 __all__ = [  # the prompt helpers live in nashalign.prompts; re-exported for the loop's users
     "ALGORITHMS", "OnlineConfig", "OnlineResult", "PairSettings", "PromptsConfig", "RunSettings",
@@ -415,6 +416,7 @@ def run_online(
     ref_path = config.model.ref_name_or_path or config.model.name_or_path
     policy_path = config.model.name_or_path
     summaries: list[dict[str, Any]] = []
+    trackers = IterationTrackers(config.output.report_to, run_dir, to_dict(config)) if state.is_main_process else None
     previous = None  # (iteration dir, prompts, groups, pair stats) of t − 1, whose summary needs π_t's samples
 
     for t in range(config.run.iterations + 1):
@@ -433,6 +435,7 @@ def run_online(
             summaries.append(row)
             if state.is_main_process:
                 _log_summary(row)
+                trackers.log_iteration(row, before / "train" / "metrics.jsonl")
             if on_iteration is not None:
                 on_iteration(t - 1, row, policy_path)
         if t == config.run.iterations:
@@ -444,6 +447,8 @@ def run_online(
         logps = _score(it, tokenized, str(policy_path), str(ref_path), config, tokenizer, state)
         policy_path = _train(it, tokenized, logps, str(policy_path), config, tokenizer, t, state)
         previous = (it, current, groups, stats)
+    if trackers is not None:
+        trackers.finish()
     state.wait_for_everyone()  # no process returns before the main process has written everything
     return OnlineResult(run_dir, Path(policy_path), summaries)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -34,11 +33,10 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from nashalign import NashalignError, checkpoint
+from nashalign import NashalignError, checkpoint, trackers
 from nashalign.config import LossConfig, TrainConfig, dump_config, to_dict, validated
 from nashalign.data import TokenizedPair, collate_pairs, load_records, tokenize_records
 from nashalign.health import AttentionLogitProbe
@@ -152,13 +150,6 @@ def _data_fingerprint(pairs: list[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
-def _trackers(report_to: str) -> list[str]:
-    installed = importlib.util.find_spec("tensorboard") is not None
-    if report_to == "tensorboard" and not installed:
-        raise NashalignError("output.report_to: 'tensorboard' requested but tensorboard is not installed")
-    return ["tensorboard"] if report_to == "tensorboard" or (report_to == "auto" and installed) else []
-
-
 def _make_accelerator(config: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -169,7 +160,7 @@ def _make_accelerator(config: TrainConfig, run_dir: Path):
         AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=config.model.mixed_precision,
-        log_with=_trackers(config.output.report_to) or None,
+        log_with=trackers.tracker_names(config.output.report_to) or None,
         project_dir=str(run_dir),
     )
 
@@ -327,9 +318,10 @@ def train_pairs(
         logger.info("resuming from %s (step %d)", resume_from, state["global_step"])
 
     if accelerator.log_with:
-        flat = {key: json.dumps(value) if isinstance(value, list) else value
-                for key, value in _flatten(to_dict(config)).items()}
-        accelerator.init_trackers("train", config=flat)
+        run_name, flat = f"{run_dir.parent.name}/{run_dir.name}", trackers.flatten(to_dict(config))  # e.g. iter_0/train
+        names = trackers.tracker_names(config.output.report_to)
+        accelerator.init_trackers(trackers.PROJECT, init_kwargs=trackers.init_kwargs(names, run_dir, run_name, flat))
+        trackers.store_config(accelerator.trackers, flat)
     unwrapped = accelerator.unwrap_model(policy)
 
     def save_model(directory: Path) -> None:
@@ -536,13 +528,3 @@ def _accumulating(accelerator, model, last: bool):
             yield
     finally:
         accelerator.gradient_state._set_sync_gradients(True)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
