@@ -42,8 +42,8 @@ from bench.workloads import WORKLOADS, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("peak", "trl-dpo", "nashalign-dpo", "nashalign-dpo-padded", "nashalign-inpo", "inpo-in-memory",
-         "generation", "trl-dpo-ref-in-memory")
-DEFAULT_SIDES = SIDES[1:-1]
+         "generation", "trl-dpo-ref-in-memory", "nashalign-dpo-health", "nashalign-dpo-padded-health")
+DEFAULT_SIDES = SIDES[1:-3]
 NAMES = {
     "trl-dpo": "TRL DPOTrainer, DPO, ref log-probs precomputed",
     "trl-dpo-ref-in-memory": "TRL DPOTrainer, DPO, ref model in memory (TRL's default)",
@@ -51,6 +51,8 @@ NAMES = {
     "nashalign-dpo-padded": "nashalign, DPO, padded batches",
     "nashalign-inpo": "nashalign, INPO, packed",
     "inpo-in-memory": "INPO with π_ref, π_t in memory (packed)",
+    "nashalign-dpo-health": "nashalign, DPO, packed, z-loss + attention-logit probe every step",
+    "nashalign-dpo-padded-health": "nashalign, DPO, padded, z-loss + attention-logit probe every step",
 }
 # Per side: (FLOPs per parameter and token, tokens through the body, positions through the lm_head).
 # Forward + backward is 6 per parameter and token; a no_grad forward of another model adds 2.
@@ -62,6 +64,8 @@ WORK = {
     "nashalign-dpo-padded": (6, "user_tokens", "responses"),
     "nashalign-inpo": (6, "packed", "responses"),
     "inpo-in-memory": (10, "packed", "responses"),
+    "nashalign-dpo-health": (6, "packed", "responses"),
+    "nashalign-dpo-padded-health": (6, "user_tokens", "responses"),
 }
 
 
@@ -97,6 +101,8 @@ def child(side: str, directory: Path, workload: Workload, threads: int) -> dict:
         result = sides.nashalign_train(directory, workload, loss="dpo", packing=True)
     elif side == "nashalign-dpo-padded":
         result = sides.nashalign_train(directory, workload, loss="dpo", packing=False)
+    elif side in ("nashalign-dpo-health", "nashalign-dpo-padded-health"):
+        result = sides.nashalign_train(directory, workload, loss="dpo", packing="padded" not in side, health=True)
     elif side == "nashalign-inpo":
         result = sides.nashalign_train(directory, workload, loss="inpo", packing=True)
     elif side == "inpo-in-memory":
