@@ -120,7 +120,9 @@ def child(side: str, directory: Path, workload: Workload, threads: int) -> dict:
 def run_child(side: str, directory: Path, args) -> dict:
     command = [sys.executable, "-m", "bench.run", "--child", side, "--dir", str(directory),
                "--workload", args.workload, "--threads", str(args.threads), "--steps", str(args.steps)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    # This checkout's own src/ first: an environment may have another checkout installed (editable).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
     began = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
