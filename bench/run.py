@@ -42,7 +42,8 @@ from bench.workloads import WORKLOADS, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("peak", "trl-dpo", "nashalign-dpo", "nashalign-dpo-padded", "nashalign-inpo", "inpo-in-memory",
-         "generation", "trl-dpo-ref-in-memory", "nashalign-srpo", "nashalign-sparsepo", "nashalign-sparsepo-learned")
+         "generation", "trl-dpo-ref-in-memory", "nashalign-srpo", "nashalign-sparsepo", "nashalign-sparsepo-learned",
+         "nashalign-dpo-health", "nashalign-dpo-padded-health")
 DEFAULT_SIDES = SIDES[1:7]
 NAMES = {
     "trl-dpo": "TRL DPOTrainer, DPO, ref log-probs precomputed",
@@ -54,6 +55,8 @@ NAMES = {
     "nashalign-srpo": "nashalign, SRPO, packed (six sequences per pair)",
     "nashalign-sparsepo": "nashalign, SparsePO, activation masks, padded",
     "nashalign-sparsepo-learned": "nashalign, SparsePO, learned masks, padded",
+    "nashalign-dpo-health": "nashalign, DPO, packed, z-loss + attention-logit probe every step",
+    "nashalign-dpo-padded-health": "nashalign, DPO, padded, z-loss + attention-logit probe every step",
 }
 # Per side: (FLOPs per parameter and token, tokens through the body, positions through the lm_head).
 # Forward + backward is 6 per parameter and token; a no_grad forward of another model adds 2.
@@ -69,6 +72,8 @@ WORK = {
     # the policy's forward + backward and π_ref's forward (kept in memory) on the same padded batch
     "nashalign-sparsepo": (8, "user_tokens", "responses"),
     "nashalign-sparsepo-learned": (8, "user_tokens", "responses"),
+    "nashalign-dpo-health": (6, "packed", "responses"),
+    "nashalign-dpo-padded-health": (6, "user_tokens", "responses"),
 }
 
 
@@ -104,6 +109,8 @@ def child(side: str, directory: Path, workload: Workload, threads: int) -> dict:
         result = sides.nashalign_train(directory, workload, loss="dpo", packing=True)
     elif side == "nashalign-dpo-padded":
         result = sides.nashalign_train(directory, workload, loss="dpo", packing=False)
+    elif side in ("nashalign-dpo-health", "nashalign-dpo-padded-health"):
+        result = sides.nashalign_train(directory, workload, loss="dpo", packing="padded" not in side, health=True)
     elif side == "nashalign-inpo":
         result = sides.nashalign_train(directory, workload, loss="inpo", packing=True)
     elif side == "nashalign-srpo":

@@ -80,10 +80,13 @@ def _nashalign_pairs(directory: Path, workload: Workload):
     return tokenizer, pairs
 
 
-def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: bool, **loss_settings) -> dict:
+def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: bool, health: bool = False,
+                    **loss_settings) -> dict:
     """train_pairs as a user runs it: ref (and prev for inpo) scored into the cache first, then only the
     policy trains. The pairs are handed over in the order that makes step k train records
-    kB … (k+1)B-1, as TRL's sequential sampler does, so both sides see the same batches."""
+    kB … (k+1)B-1, as TRL's sequential sampler does, so both sides see the same batches.
+    health: the z-loss (weight 1e-4) and the largest attention logit probed at every step (the
+    default probes every 10th step); without it, neither (log Z statistics are always logged)."""
     from nashalign import train
     from nashalign.config import TrainConfig, from_mapping
 
@@ -102,10 +105,11 @@ def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: 
         "model": model,
         "data": {"max_length": workload.max_length, "max_prompt_length": workload.max_prompt_length,
                  "scoring_batch_size": workload.pairs_per_step, "packing": packing},
-        "loss": {"name": loss, "beta": 0.1, **loss_settings},
+        "loss": {"name": loss, "beta": 0.1, "z_loss": 1e-4 if health else 0.0, **loss_settings},
         "optim": {"per_device_batch_size": workload.pairs_per_step, "max_steps": workload.steps, "lr": 1e-6,
                   "schedule": "linear", "warmup_steps": 0, "max_grad_norm": 1.0, "seed": seed},
-        "output": {"dir": str(directory / f"run-{loss}-{packing}"), "save_steps": 0, "report_to": "none"},
+        "output": {"dir": str(directory / f"run-{loss}-{packing}"), "save_steps": 0, "report_to": "none",
+                   "attention_logit_steps": 1 if health else 0},
     })
     durations, losses, scoring = [], [], []
     step, score = train._optimizer_step, train.reference_logps

@@ -71,7 +71,7 @@ def test_exponent_floats_without_a_dot(tmp_path):
         ("output: 3\n", "run.yaml:3: output: expected a mapping of OutputConfig keys, got 3"),
         ("optim:\n  betas: [0.9, x]\n", "run.yaml:4: optim.betas[1]: expected a float, got 'x'"),
         ("optim:\n  max_steps: 0\n", "optim.max_steps: expected an integer >= 1, got 0"),
-        ("output:\n  report_to: wandb\n", "output.report_to: expected one of 'auto', 'none', 'tensorboard'"),
+        ("output:\n  report_to: mlflow\n", "output.report_to: expected one of 'auto', 'none', 'tensorboard', 'wandb'"),
     ],
 )
 def test_bad_values_name_file_line_and_key(tmp_path, text, message):

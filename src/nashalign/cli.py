@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_output(args.command)
     try:
         return int(args._run(args) or 0)
     except NashalignError as error:
@@ -49,6 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nashalign {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_output(command: str) -> None:
+    """What a run prints: INFO lines from the main process only (under `accelerate launch` the others
+    log warnings and errors), and no progress bar from transformers for each model loaded or saved
+    (its warnings stay). Not for `game`, which never imports transformers."""
+    from nashalign.progress import is_main_process
+
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
+    if command != "game":
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

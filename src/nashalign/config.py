@@ -179,10 +179,16 @@ class LossConfig:
     )
     shared_mask: bool = _field(False, "sparsepo learned masks: one mask for both terms instead of two")
     mask_weight_decay: float = _field(0.0, "sparsepo learned masks: AdamW weight decay of the mask network", ge=0)
+    z_loss: float = _field(
+        0.0, "weight of the output-logit z-loss, mean (log Z)² over a pair's response tokens (0: off; PaLM: 1e-4)",
+        ge=0,
+    )
 
     def check(self) -> None:
         if self.tau is not None and self.tau >= self.eta:
             raise ConfigFieldError("tau", f"expected tau < eta ({self.eta}) so that tau/eta < 1, got {self.tau}")
+        if self.z_loss and self.name in ("srpo", "sparsepo"):
+            raise ConfigFieldError("z_loss", f"not supported with loss.name {self.name!r} (its own batch layout); set it to 0")
         if not self.mask_activations:
             raise ConfigFieldError("mask_activations", "expected at least one of mlp, attention, residual")
         if self.revision_template is not None:
@@ -225,8 +231,11 @@ class OutputConfig:
     save_steps: int = _field(500, "checkpoint every this many optimizer steps (0: only at the end)", ge=0)
     save_total_limit: int = _field(2, "keep only the newest this many checkpoints", ge=1)
     logging_steps: int = _field(1, "log to the progress bar and trackers every this many steps", ge=1)
-    report_to: Literal["auto", "none", "tensorboard"] = _field(
-        "auto", "trackers: auto = TensorBoard when installed"
+    report_to: Literal["auto", "none", "tensorboard", "wandb", "tensorboard,wandb"] = _field(
+        "auto", "trackers: auto = TensorBoard when installed; wandb honours WANDB_MODE=offline"
+    )
+    attention_logit_steps: int = _field(
+        10, "log the largest attention logit (metrics.jsonl) every this many optimizer steps (0: never)", ge=0
     )
 
 

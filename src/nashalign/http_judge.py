@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nashalign import NashalignError
+from nashalign import NashalignError, progress
 from nashalign.config import ConfigFieldError, from_mapping
 from nashalign.oracles import Oracle, parse_config, symmetrized, template_problem
 
@@ -163,6 +163,7 @@ class HttpJudgeOracle(Oracle):
     """P(first ≻ second) from an OpenAI-compatible chat-completions judge; see the module docstring."""
 
     name = "http_judge"
+    slow = True
 
     def __init__(self, config: HttpJudgeConfig, where: str = "oracle") -> None:
         import httpx
@@ -341,6 +342,7 @@ class HttpJudgeOracle(Oracle):
         results: dict[str, float] = {key: cached[key] for key in keys if key in cached}
         self.counts.cache_hits += sum(key in cached for key in keys)
         todo = {key: query for key, query in zip(keys, zip(prompts, first, second)) if key not in results}
+        unique = set(keys)
         stop = threading.Event()
         error: NashalignError | None = None
         pool = ThreadPoolExecutor(max_workers=self.config.concurrency)
@@ -353,6 +355,7 @@ class HttpJudgeOracle(Oracle):
                     answer = future.result()
                     if answer is not None:
                         self._record(futures[future], answer, results)
+                        progress.report(len(results), len(unique))
                 except NashalignError as failure:
                     # stop asking, but keep recording the answers of requests already in flight
                     if error is None:

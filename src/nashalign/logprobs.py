@@ -51,6 +51,18 @@ def selective_log_softmax(
     `logits` should be contiguous in its leading dimensions (a non-contiguous view is copied once in
     its own dtype by the reshape to (N, V)).
     """
+    return selective_log_softmax_and_logsumexp(logits, index, chunk_size)[0]
+
+
+def selective_log_softmax_and_logsumexp(
+    logits: torch.Tensor, index: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`selective_log_softmax` and the log-normalizer log Z = logsumexp_v logits[..., v], both (...).
+
+    The logsumexp is the one the log-softmax computes anyway (no extra pass over the vocabulary) and
+    is differentiable: its gradient softmax(logits) is folded into the same chunked backward pass,
+    which is what the z-loss (a penalty on (log Z)²) needs.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if logits.shape[:-1] != index.shape:
@@ -58,7 +70,8 @@ def selective_log_softmax(
             f"index shape {tuple(index.shape)} must equal the leading shape of logits {tuple(logits.shape)}"
         )
     rows = logits.reshape(-1, logits.shape[-1])
-    return _SelectiveLogSoftmax.apply(rows, index.reshape(-1), chunk_size).view(index.shape)
+    out, logsumexp = _SelectiveLogSoftmax.apply(rows, index.reshape(-1), chunk_size)
+    return out.view(index.shape), logsumexp.view(index.shape)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,7 +79,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """(N, V) logits, (N,) targets -> (N,) log-probs, chunked over rows in both passes.
+    """(N, V) logits, (N,) targets -> (N,) log-probs and (N,) logsumexp, chunked over rows in both passes.
 
     Hand-written because the autograd of a chunked loop (torch.split + per-chunk ops, with or without
     torch.utils.checkpoint) keeps every chunk's gradient alive until it concatenates them, doubling
@@ -85,17 +98,20 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             out[rows] = chunk.gather(-1, targets[rows, None])[:, 0] - logsumexp[rows]
         ctx.save_for_backward(logits, targets, logsumexp)
         ctx.chunk_size = chunk_size
-        return out
+        return out, logsumexp.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, grad_logsumexp: torch.Tensor):
+        # d out / d logits = onehot - softmax and d logsumexp / d logits = softmax, so
+        # grad = softmax · (grad_logsumexp - grad_out) + onehot · grad_out, chunk by chunk.
         logits, targets, logsumexp = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             g = grad_out[rows, None].to(logsumexp.dtype)
-            chunk = (logits[rows].to(logsumexp.dtype) - logsumexp[rows, None]).exp_().mul_(-g)
+            weight = grad_logsumexp[rows, None].to(logsumexp.dtype) - g
+            chunk = (logits[rows].to(logsumexp.dtype) - logsumexp[rows, None]).exp_().mul_(weight)
             grad[rows] = chunk.scatter_add_(-1, targets[rows, None], g)
         return grad, None, None
 
@@ -132,6 +148,26 @@ def token_logps(
     model wrapping one, or any module whose output has `.logits` (N, T, V); see the module docstring
     for which positions are projected onto the vocabulary.
     """
+    return token_logps_and_logz(model, input_ids, attention_mask, response_mask, position_ids=position_ids,
+                                chunk_size=chunk_size, model_kwargs=model_kwargs)[0]
+
+
+def token_logps_and_logz(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    model_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` and the output logits' log-normalizer, both (N, T) float32, 0 outside the response:
+
+        logz[i, t] = logsumexp_v logits[i, t-1, v]   (the position that predicts token t)
+
+    from the same chunked pass (see selective_log_softmax_and_logsumexp); differentiable (z-loss).
+    """
     if input_ids.ndim != 2 or response_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and response_mask {tuple(response_mask.shape)} "
@@ -148,9 +184,9 @@ def token_logps(
     keep = torch.zeros_like(response_mask)
     keep[:, :-1] = response_mask[:, 1:]
     logits = _logits_at(model, input_ids, attention_mask, position_ids, keep, model_kwargs or {})
-    values = selective_log_softmax(logits, input_ids[response_mask], chunk_size)
+    values, logz = selective_log_softmax_and_logsumexp(logits, input_ids[response_mask], chunk_size)
     out = torch.zeros(response_mask.shape, dtype=torch.float32, device=values.device)
-    return out.masked_scatter(response_mask, values.float())
+    return out.masked_scatter(response_mask, values.float()), out.masked_scatter(response_mask, logz.float())
 
 
 def sequence_logps(
@@ -204,6 +240,9 @@ def pair_logps(
         chosen_logps, rejected_logps               (B,)   float32, sum over response tokens
         chosen_token_logps, rejected_token_logps   (B, T) float32, 0 outside the response
         chosen_lengths, rejected_lengths           (B,)   long, response tokens counted (mask sums)
+        chosen_logz_squared, rejected_logz_squared (B,)   float32, Σ over response tokens of (log Z)²,
+                                                          log Z the logsumexp of the predicting logits
+        logz                                       (n,)   float32, detached log Z of every response token
 
     A packed batch (`nashalign.packing.pack_pairs`: prompt shared, no padding between pairs) is
     scored by `nashalign.packing.packed_pair_logps`: the same summed log-probs and lengths, with the
@@ -220,7 +259,7 @@ def pair_logps(
     if rows % 2:
         raise ValueError(f"a pair batch has 2B rows (chosen then rejected), got {rows}")
     response_mask = batch["response_mask"].bool()
-    logps = token_logps(
+    logps, logz = token_logps_and_logz(
         model,
         batch["input_ids"],
         batch["attention_mask"],
@@ -231,7 +270,11 @@ def pair_logps(
     half = rows // 2
     summed = logps.sum(-1)
     lengths = response_mask.sum(-1)
+    logz_squared = logz.square().sum(-1)
     return {
+        "chosen_logz_squared": logz_squared[:half],
+        "rejected_logz_squared": logz_squared[half:],
+        "logz": logz[response_mask].detach(),
         "chosen_logps": summed[:half],
         "rejected_logps": summed[half:],
         "chosen_token_logps": logps[:half],

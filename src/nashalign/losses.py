@@ -560,6 +560,22 @@ def sft(*, policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -policy_chosen_logps.to(dtype) / chosen_lengths.to(dtype).clamp(min=1)
 
 
+def z_loss(
+    *, chosen_logz_squared: Tensor, rejected_logz_squared: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+) -> Tensor:
+    """Output-logit z-loss per example (Wortsman et al. 2023; PaLM): inputs (B,), returns (B,).
+
+        loss = (Σ_chosen (log Z)² + Σ_rejected (log Z)²) / max(L_c + L_r, 1)
+
+    the mean over the pair's response tokens of the squared log-normalizer log Z = logsumexp of the
+    logits that predict the token (`*_logz_squared` are the sums from `logprobs.pair_logps`). The
+    trainer adds `loss.z_loss` times it to the pairwise loss; it pulls log Z towards 0 without changing
+    the log-probs, whose softmax is invariant to a shift of the logits.
+    """
+    squares = chosen_logz_squared.to(_compute_dtype(chosen_logz_squared)) + rejected_logz_squared
+    return squares / (chosen_lengths + rejected_lengths).clamp(min=1).to(squares.dtype)
+
+
 def _pairwise_plus_sft(*, pairwise: Callable[..., Tensor], sft_weight: float, **inputs: Tensor) -> Tensor:
     sft_inputs = {key: inputs[key] for key in loss_inputs(sft)}
     pairwise_inputs = {key: inputs[key] for key in loss_inputs(pairwise)}

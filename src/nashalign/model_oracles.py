@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from nashalign import NashalignError
+from nashalign import NashalignError, progress
 from nashalign.config import ConfigFieldError
 from nashalign.models import (
     ModelSpec,
@@ -144,6 +144,7 @@ class RewardModelOracle(ModelJudge):
     """
 
     name = "reward_model"
+    slow = True
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int = 2048, memo_size: int = 100_000,
                  where: str = "reward_model"):
@@ -178,11 +179,14 @@ class RewardModelOracle(ModelJudge):
                 logger.warning("reward_model: %d inputs longer than max_length=%d kept their last tokens", count, self.max_length)
             sequences = [ids for ids, _ in encoded]
             rewards = np.empty(len(sequences))
+            done = 0
             with torch.inference_mode():
                 for rows, ids, mask in _padded_batches(sequences, self.batch_size, self.pad_id, left=False):
                     device = self.model.device
                     logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                     rewards[rows] = logits[:, 0].double().cpu().numpy()
+                    done += len(rows)
+                    progress.report(done, len(sequences))
             self.counts.judge_calls += len(sequences)
             for key, reward in zip(todo, rewards):
                 self._memo[key] = float(reward)
@@ -230,6 +234,7 @@ class PairModelOracle(ModelJudge):
     """
 
     name = "pair_model"
+    slow = True
 
     def __init__(
         self,
@@ -279,6 +284,7 @@ class PairModelOracle(ModelJudge):
             logger.warning("pair_model: %d inputs longer than max_length=%d kept their last tokens", count, self.max_length)
         sequences = [ids for ids, _ in encoded]
         out = np.empty(len(sequences))
+        done = 0
         with torch.inference_mode():
             for rows, ids, mask in _padded_batches(sequences, self.batch_size, self.pad_id, left=True):
                 device = self.model.device
@@ -290,6 +296,8 @@ class PairModelOracle(ModelJudge):
                     logits_to_keep=1,
                 ).logits[:, -1, self.label_ids]
                 out[rows] = torch.softmax(logits.double(), dim=-1)[:, 0].cpu().numpy()
+                done += len(rows)
+                progress.report(done, len(sequences))
         self.counts.judge_calls += len(sequences)
         return out
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ import numpy as np
 
 from nashalign import NashalignError
 from nashalign.artifacts import read_json, read_jsonl, write_json, write_jsonl
-from nashalign.config import TrainConfig, dump_config, validated
+from nashalign.config import TrainConfig, dump_config, to_dict, validated
 from nashalign.data import TokenizedPair, TruncationReport, truncate_pairs
 from nashalign.models import load_tokenizer, release
 from nashalign.online_config import (
@@ -68,6 +69,7 @@ from nashalign.online_config import (
     run_directory,
     stage_seed,
 )
+from nashalign.progress import rate_line
 from nashalign.prompts import (
     PromptsConfig,
     PromptSet,
@@ -79,6 +81,7 @@ from nashalign.prompts import (
 )
 from nashalign.sampling import Generation
 from nashalign.sharding import from_main, process_state, split_oracle
+from nashalign.trackers import IterationTrackers
 
 __all__ = [  # the config lives in nashalign.online_config, the prompt helpers in nashalign.prompts
     "ALGORITHMS", "OnlineConfig", "OnlineResult", "PairSettings", "PromptsConfig", "RunSettings",
@@ -144,8 +147,14 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
     )
     if isinstance(sampler, TransformersSampler):
         sampler.model.to(state.device)  # this process's device (its own GPU under accelerate launch)
+    began = time.perf_counter()
     groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
                               progress=progress and state.is_local_main_process)
+    if state.is_main_process:
+        tokens = sum(len(g.token_ids) for group in groups for g in group)
+        logger.info("%s", rate_line("sampling", len(prompts) * s.samples_per_prompt, "sample",
+                                    time.perf_counter() - began, f"{tokens} tokens from {len(prompts)} prompts"
+                                    + (" on this process" if state.num_processes > 1 else "")))
     release(sampler)  # a vLLM engine is shut down; the caller's stage ends with release()
     del sampler
     release()
@@ -353,6 +362,7 @@ def run_online(
         return prompt_sets[file]
 
     summaries: list[dict[str, Any]] = []
+    trackers = IterationTrackers(config.output.report_to, run_dir, to_dict(config)) if state.is_main_process else None
     for t in range(config.run.iterations):
         it = run_dir / f"iter_{t}"
         it.mkdir(exist_ok=True)
@@ -390,8 +400,11 @@ def run_online(
         summaries.append(row)
         if state.is_main_process:
             _log_summary(row)
+            trackers.log_iteration(row, it / "train" / "metrics.jsonl")
         if on_iteration is not None:
             on_iteration(t, row, final)
+    if trackers is not None:
+        trackers.finish()
     state.wait_for_everyone()  # no process returns before the main process has written everything
     return OnlineResult(run_dir, Path(policy_path(config, config.run.iterations)), summaries)
 

@@ -24,6 +24,7 @@ Each oracle counts its work in `counts` (an `OracleCounts`): `comparisons` is th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -37,7 +38,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from nashalign import NashalignError
+from nashalign import NashalignError, progress
 from nashalign.config import ConfigFieldError, from_mapping
 from nashalign.games import load_game, validate_game
 from nashalign.json_input import load_json
@@ -138,9 +139,12 @@ class Oracle:
     """Base class: input checks, the P(a ≻ a) = ½ shortcut, output checks, the comparison count.
 
     Subclasses implement `_prob(prompts, first, second)` for texts that differ, returning (B,).
+    Slow judges (`slow = True`: models, HTTP) report their progress (nashalign.progress); called
+    outside a stage, such a judge shows its own bar and summary line.
     """
 
     name = "oracle"
+    slow = False
 
     def __init__(self) -> None:
         self.counts = OracleCounts()
@@ -151,7 +155,10 @@ class Oracle:
         out = np.full(len(first), 0.5, dtype=np.float64)
         differ = [i for i, (a, b) in enumerate(zip(first, second)) if a != b]
         if differ:
-            values = self._prob([prompts[i] for i in differ], [first[i] for i in differ], [second[i] for i in differ])
+            own_stage = self.slow and progress.current_stage() is None
+            with (progress.stage(f"judging ({self.name})", len(differ), "comparison") if own_stage
+                  else contextlib.nullcontext()), progress.work(len(differ)):
+                values = self._prob([prompts[i] for i in differ], [first[i] for i in differ], [second[i] for i in differ])
             out[differ] = check_probabilities(values, len(differ), self.name)
         self.counts.comparisons += len(first)
         return out

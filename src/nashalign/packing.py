@@ -316,29 +316,31 @@ def packed_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     """Summed response log-probs of a `pack_pairs` batch: one forward pass over its N packed rows.
 
     Returns chosen_logps, rejected_logps (B,) float32 (sums over each response's tokens, in the order
-    of the packed pairs), chosen_lengths, rejected_lengths (B,) long, and token_logps (N, L) float32
+    of the packed pairs), chosen_lengths, rejected_lengths (B,) long, chosen_logz_squared,
+    rejected_logz_squared (B,) and logz (n,) as in `pair_logps`, and token_logps (N, L) float32
     (0 outside the responses) in the packed layout. Attention: `packed_attention` when the model
     uses transformers' AttentionInterface, else (and under activation checkpointing) the dense
     `packed_attention_mask`.
     """
-    from nashalign.logprobs import token_logps
+    from nashalign.logprobs import token_logps_and_logz
 
     segment, pair_index, response_mask = batch["segment"], batch["pair_index"], batch["response_mask"].bool()
     score = functools.partial(
-        token_logps, model, batch["input_ids"], response_mask=response_mask, position_ids=batch["position_ids"],
+        token_logps_and_logz, model, batch["input_ids"], response_mask=response_mask, position_ids=batch["position_ids"],
         chunk_size=chunk_size,
     )
     logps = None
     if uses_attention_interface(model) and not recomputes_forward(model):
         with _attention_implementation(model, PACKED_ATTENTION) as switched:
             if switched:
-                logps = score(None, model_kwargs={"nashalign_spans": pair_spans(segment, pair_index)})
+                logps, logz = score(None, model_kwargs={"nashalign_spans": pair_spans(segment, pair_index)})
     if logps is None:
-        logps = score(packed_attention_mask(model, batch))
+        logps, logz = score(packed_attention_mask(model, batch))
     count = batch["chosen_lengths"].shape[0]
     sums = {}
     for side, code in (("chosen", CHOSEN), ("rejected", REJECTED)):
         tokens = response_mask & (segment == code)
         sums[f"{side}_logps"] = logps.new_zeros(count).index_add(0, pair_index[tokens], logps[tokens])
         sums[f"{side}_lengths"] = torch.bincount(pair_index[tokens], minlength=count)
-    return {**sums, "token_logps": logps}
+        sums[f"{side}_logz_squared"] = logz.new_zeros(count).index_add(0, pair_index[tokens], logz[tokens].square())
+    return {**sums, "token_logps": logps, "logz": logz[response_mask].detach()}

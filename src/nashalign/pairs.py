@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nashalign import NashalignError
+from nashalign import NashalignError, progress
 from nashalign.oracles import PreferenceOracle
 
 DECISIONS = ("sample", "threshold")
@@ -123,11 +123,12 @@ def _judge(oracle, prompts, responses, matches, stats, judgments, decide=None, r
     """Ask the oracle about every (prompt index, i, j) in one call; record and return the winners."""
     if not matches:
         return []
-    probs = oracle.prob(
-        [prompts[b] for b, _, _ in matches],
-        [responses[b][i] for b, i, _ in matches],
-        [responses[b][j] for b, _, j in matches],
-    )
+    with progress.work(len(matches)):
+        probs = oracle.prob(
+            [prompts[b] for b, _, _ in matches],
+            [responses[b][i] for b, i, _ in matches],
+            [responses[b][j] for b, _, j in matches],
+        )
     stats.comparisons += len(matches)
     if decide == "sample":
         first_wins = rng.random(len(matches)) < probs
@@ -227,6 +228,7 @@ def _with_tournament_win_rates(oracle, prompts, responses, k, pairs, stats, judg
         for other in range(k)
         if other != side
     ]
+    progress.grow(len(matches))
     _judge(oracle, prompts, responses, matches, stats, judgments)
     probs = np.array([j.prob for j in judgments[-len(matches) :]]).reshape(len(pairs), 2, k - 1)
     rates = probs.mean(-1)
@@ -261,7 +263,8 @@ def best_vs_worst(
         return PairResult(pairs, judgments, stats)
     if has_scores if use_rewards is None else use_rewards:
         flat_prompts = [prompt for prompt in prompts for _ in range(k)]
-        ranking = np.asarray(oracle.score(flat_prompts, [text for group in responses for text in group]))
+        with progress.work(len(flat_prompts)):
+            ranking = np.asarray(oracle.score(flat_prompts, [text for group in responses for text in group]))
         ranking = ranking.reshape(len(prompts), k)
         matrix = 1.0 / (1.0 + np.exp(ranking[:, None, :] - ranking[:, :, None]))
     else:
@@ -329,11 +332,24 @@ def make_pairs(
     score: str = "borda",
     win_rates: bool = False,
 ) -> PairResult:
-    """Dispatch on `method` (a config value), passing each construction the options it uses."""
-    if method == "tournament":
-        return tournament(oracle, prompts, responses, decide=decide, rng=rng, win_rates=win_rates)
-    if method == "best_vs_worst":
-        return best_vs_worst(oracle, prompts, responses, score=score)
-    if method == "all_pairs":
-        return all_pairs(oracle, prompts, responses, decide=decide, rng=rng)
-    raise NashalignError(f"pairs.method: expected one of {', '.join(METHODS)}, got {method!r}")
+    """Dispatch on `method` (a config value), passing each construction the options it uses.
+
+    Shows one progress bar over the comparisons the construction makes (responses scored, for
+    best_vs_worst with a reward model) and logs a summary line with the judge calls paid."""
+    if method not in METHODS:
+        raise NashalignError(f"pairs.method: expected one of {', '.join(METHODS)}, got {method!r}")
+    b = len(prompts)
+    k = len(responses[0]) if b else 0
+    scored = method == "best_vs_worst" and callable(getattr(oracle, "score", None))
+    total = b * k if scored else b * (3 * k // 2 - 1) if method == "tournament" else b * k * (k - 1) // 2
+    calls_before = oracle.counts.judge_calls
+    with progress.stage("judging", total, "response" if scored else "comparison") as current:
+        if method == "tournament":
+            result = tournament(oracle, prompts, responses, decide=decide, rng=rng, win_rates=win_rates)
+        elif method == "best_vs_worst":
+            result = best_vs_worst(oracle, prompts, responses, score=score)
+        else:
+            result = all_pairs(oracle, prompts, responses, decide=decide, rng=rng)
+        current.note = (f"{method}, {oracle.counts.judge_calls - calls_before} judge calls, "
+                        f"{result.stats.kept} pairs kept from {b} prompts")
+    return result

@@ -11,11 +11,12 @@ split over them and only the main process writes the cache.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 
-from nashalign import NashalignError
+from nashalign import NashalignError, progress
 from nashalign.config import ModelConfig, TrainConfig
 from nashalign.data import TokenizedPair, collate_pairs
 from nashalign.models import load_causal_lm, release
@@ -43,10 +44,16 @@ def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Pa
 
     model, cache = model.to(device), LogpCache(cache_dir)
     collate = lambda chunk: (pack_pairs if config.data.packing else collate_pairs)(chunk, pad_id)  # noqa: E731
+    began = time.perf_counter()
     if accelerator is not None and accelerator.num_processes > 1:
         scores = _score_sharded(model, pairs, config, cache, collate, accelerator)
     else:
-        scores = score_pairs(model, pairs, batch_size=config.data.scoring_batch_size, cache=cache, collate_fn=collate)
+        scores = score_pairs(model, pairs, batch_size=config.data.scoring_batch_size, cache=cache, collate_fn=collate,
+                             progress=progress.is_local_main_process())
+    if progress.is_main_process():
+        source = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        logger.info("%s", progress.rate_line("log-probs", len(pairs), "pair", time.perf_counter() - began,
+                                             f"under {source}"))
     return {side: scores[f"{side}_logps"].float().cpu() for side in ("chosen", "rejected")}
 
 

@@ -24,26 +24,26 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib.util
 import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from nashalign import NashalignError, checkpoint, engine_checkpoint
+from nashalign import NashalignError, checkpoint, engine_checkpoint, trackers
 from nashalign.config import LossConfig, TrainConfig, dump_config, to_dict, validated
 from nashalign.data import TokenizedPair, TruncationReport, load_records, tokenize_records
+from nashalign.health import AttentionLogitProbe
 from nashalign.logprobs import pair_logps
-from nashalign.losses import loss_hyperparameters, loss_inputs, make_loss, preference_metrics, sft
+from nashalign.losses import loss_hyperparameters, loss_inputs, make_loss, preference_metrics, sft, z_loss
 from nashalign.objectives import make_objective
+from nashalign.progress import rate_line
 from nashalign.scoring import load_model, load_tokenizer, reference_logps, reference_sources
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,13 @@ def build_loss(loss_config: LossConfig):
     return make_loss(loss_config.name, **{key: values[key] for key in loss_hyperparameters(loss_config.name)})
 
 
-def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dict[str, torch.Tensor]):
+def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dict[str, torch.Tensor],
+                 z_loss_weight: float = 0.0):
     """Per-pair losses (B,) of a collated batch under `model`, and the policy's log-probs.
 
     `references` holds (B,) tensors ref_chosen_logps, ref_rejected_logps (+ prev_* for inpo) aligned
     with the batch. Win rates (sppo) come from the batch when the records carry them, else hard labels
-    1 (chosen) and 0 (rejected).
+    1 (chosen) and 0 (rejected). A nonzero `z_loss_weight` adds that times `losses.z_loss` per pair.
     """
     policy = pair_logps(model, batch)
     available = {
@@ -90,7 +91,15 @@ def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dic
         "rejected_win_rate": batch.get("rejected_win_rate", torch.zeros_like(policy["rejected_logps"])),
         **references,
     }
-    return loss_fn(**{name: available[name] for name in loss_inputs(loss_fn)}), policy
+    losses = loss_fn(**{name: available[name] for name in loss_inputs(loss_fn)})
+    if z_loss_weight:
+        losses = losses + z_loss_weight * _z_loss(policy)
+    return losses, policy
+
+
+def _z_loss(policy: dict[str, torch.Tensor]) -> torch.Tensor:
+    keys = ("chosen_logz_squared", "rejected_logz_squared", "chosen_lengths", "rejected_lengths")
+    return z_loss(**{key: policy[key] for key in keys})
 
 
 def _disable_dropout(model) -> None:
@@ -142,13 +151,6 @@ def _data_fingerprint(pairs: list[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
-def _trackers(report_to: str) -> list[str]:
-    installed = importlib.util.find_spec("tensorboard") is not None
-    if report_to == "tensorboard" and not installed:
-        raise NashalignError("output.report_to: 'tensorboard' requested but tensorboard is not installed")
-    return ["tensorboard"] if report_to == "tensorboard" or (report_to == "auto" and installed) else []
-
-
 def _make_accelerator(config: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, is_initialized
@@ -161,7 +163,7 @@ def _make_accelerator(config: TrainConfig, run_dir: Path):
         AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=config.model.mixed_precision,
-        log_with=_trackers(config.output.report_to) or None,
+        log_with=trackers.tracker_names(config.output.report_to) or None,
         project_dir=str(run_dir),
     )
 
@@ -329,9 +331,10 @@ def train_pairs(
         logger.info("resuming from %s (step %d)", resume_from, state["global_step"])
 
     if accelerator.log_with:
-        flat = {key: json.dumps(value) if isinstance(value, list) else value
-                for key, value in _flatten(to_dict(config)).items()}
-        accelerator.init_trackers("train", config=flat)
+        run_name, flat = f"{run_dir.parent.name}/{run_dir.name}", trackers.flatten(to_dict(config))  # e.g. iter_0/train
+        names = trackers.tracker_names(config.output.report_to)
+        accelerator.init_trackers(trackers.PROJECT, init_kwargs=trackers.init_kwargs(names, run_dir, run_name, flat))
+        trackers.store_config(accelerator.trackers, flat)
     unwrapped = accelerator.unwrap_model(policy)
 
     def save_model(directory: Path, state_dict=None) -> None:
@@ -345,8 +348,9 @@ def train_pairs(
         )
 
     # 3. The loop: one iteration = one optimizer step over one global batch.
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="training", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    began, first_step, first_tokens = time.perf_counter(), state["global_step"], state["tokens"]
     metrics: dict[str, float] = {}
     last_checkpoint = resume_from
     metrics_out = open(metrics_file, "a", encoding="utf-8") if accelerator.is_main_process else None
@@ -355,9 +359,11 @@ def train_pairs(
             order = _epoch_order(len(pairs), optim.seed, state["epoch"])
             while state["step_in_epoch"] < steps_per_epoch and state["global_step"] < total_steps:
                 start = state["step_in_epoch"] * global_batch
+                attention_steps = config.output.attention_logit_steps
                 metrics = _optimizer_step(
                     order[start : start + global_batch], objective, reference_columns, policy, optimizer,
                     scheduler, loss_fn, config, accelerator, tokenizer.pad_token_id,
+                    probe_attention=bool(attention_steps) and (state["global_step"] + 1) % attention_steps == 0,
                 )
                 state["step_in_epoch"] += 1
                 state["global_step"] += 1
@@ -372,7 +378,8 @@ def train_pairs(
                     metrics_out.flush()
                 if step % config.output.logging_steps == 0 or step == total_steps:
                     accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}")
+                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}",
+                                         tok_s=f"{metrics['tokens_per_second']:.0f}")
                 progress.update(1)
                 if config.output.save_steps and step % config.output.save_steps == 0 and step < total_steps:
                     last_checkpoint = save(step)
@@ -386,6 +393,11 @@ def train_pairs(
         progress.close()
         if metrics_out is not None:
             metrics_out.close()
+    if accelerator.is_main_process and state["global_step"] > first_step:
+        seconds, tokens = time.perf_counter() - began, state["tokens"] - first_tokens
+        logger.info("%s", rate_line("training", state["global_step"] - first_step, "step", seconds,
+                                    f"{tokens} tokens ({tokens / max(seconds, 1e-9):.3g} tokens/s), "
+                                    f"last loss {metrics.get('loss', math.nan):.4g}"))
 
     # 4. The final model in Hugging Face format (LoRA merged into the base weights).
     accelerator.wait_for_everyone()
@@ -409,13 +421,15 @@ def train_pairs(
 
 
 def _optimizer_step(indices, objective, reference_columns, policy, optimizer, scheduler, loss_fn, config,
-                    accelerator, pad_id) -> dict[str, float]:
+                    accelerator, pad_id, probe_attention: bool = False) -> dict[str, float]:
     """Forward/backward over the micro-batches of one global batch, clip, step; return its metrics.
 
     The loss is sum(per-pair losses) / (pairs in the global batch), accumulated over micro-batches
     (hand-written instead of accelerator.accumulate, which divides by a fixed step count and so
     weights a smaller last batch wrongly). With several processes DDP averages the gradients, hence
     the factor num_processes; process p takes pairs p, p + num_processes, ... of the global batch.
+    Health signals (nashalign.health): log Z over the response tokens, and with `probe_attention`
+    the largest attention logit over the step's micro-batches.
     """
     began = time.perf_counter()
     local = indices[accelerator.process_index :: accelerator.num_processes]
@@ -427,6 +441,8 @@ def _optimizer_step(indices, objective, reference_columns, policy, optimizer, sc
     micro_batches += [[]] * (math.ceil(len(indices[:: accelerator.num_processes]) / size) - len(micro_batches))
     scale = accelerator.num_processes / len(indices)
     collected: dict[str, list[torch.Tensor]] = {}
+    logz_parts: list[torch.Tensor] = []
+    probe = AttentionLogitProbe(policy) if probe_attention else None
     tokens = 0
     for number, micro in enumerate(micro_batches):
         rows = micro or indices[:1]
@@ -434,9 +450,13 @@ def _optimizer_step(indices, objective, reference_columns, policy, optimizer, sc
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         selected = torch.tensor(rows)
         references = {key: column[selected].to(accelerator.device) for key, column in reference_columns.items()}
+        probing = probe.active(batch.get("attention_mask")) if probe is not None else nullcontext()
         with _accumulating(accelerator, policy, last=number == len(micro_batches) - 1):
-            with accelerator.autocast():
-                losses, policy_logps = (objective.batch_losses or batch_losses)(policy, batch, loss_fn, references)
+            with accelerator.autocast(), probing:
+                if objective.batch_losses is not None:  # srpo / sparsepo: their own sequences and terms
+                    losses, policy_logps = objective.batch_losses(policy, batch, loss_fn, references)
+                else:
+                    losses, policy_logps = batch_losses(policy, batch, loss_fn, references, config.loss.z_loss)
             accelerator.backward(losses.sum() * (scale if micro else 0.0))
         # prompt + chosen + prompt + rejected tokens, however the batch lays them out
         tokens += int(2 * batch["prompt_lengths"].sum() + batch["chosen_lengths"].sum()
@@ -445,8 +465,11 @@ def _optimizer_step(indices, objective, reference_columns, policy, optimizer, sc
             "losses": losses, "policy_chosen_logps": policy_logps["chosen_logps"],
             "policy_rejected_logps": policy_logps["rejected_logps"], "chosen_lengths": policy_logps["chosen_lengths"],
             **{key: references[key] for key in ("ref_chosen_logps", "ref_rejected_logps")},
+            **({"z_loss": _z_loss(policy_logps)} if config.loss.z_loss else {}),
         }.items():
             collected.setdefault(key, []).append(value.detach().float()[: len(micro)])
+        if micro and "logz" in policy_logps:
+            logz_parts.append(policy_logps["logz"].float())
     max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
     grad_norm = accelerator.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
     learning_rate = scheduler.get_last_lr()[0]
@@ -468,6 +491,8 @@ def _optimizer_step(indices, objective, reference_columns, policy, optimizer, sc
     if config.loss.sft_weight:
         means["sft"] = sft(policy_chosen_logps=values["policy_chosen_logps"],
                            chosen_lengths=values["chosen_lengths"]).mean()
+    if config.loss.z_loss:
+        means["z_loss"] = values["z_loss"].mean()
     # Means over this process's pairs -> sums -> summed over processes -> means over the global batch
     # (a process without pairs has NaN means over nothing and adds zeros).
     count = torch.tensor(float(len(local)), device=accelerator.device)
@@ -480,7 +505,24 @@ def _optimizer_step(indices, objective, reference_columns, policy, optimizer, sc
     grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed may not report one
     metrics.update(grad_norm=grad_norm, lr=learning_rate, _tokens=tokens_total,
                    tokens_per_second=tokens_total / max(time.perf_counter() - began, 1e-9))
+    metrics.update(_health_metrics(logz_parts, probe, accelerator))
     return metrics
+
+
+def _health_metrics(logz_parts: list[torch.Tensor], probe, accelerator) -> dict[str, float]:
+    """logz/mean and logz/max_abs over the global batch's response tokens; attention/max_logit when
+    probed (the maximum over processes)."""
+    device = accelerator.device
+    logz = torch.cat(logz_parts).to(device) if logz_parts else torch.zeros(0, device=device)
+    total = accelerator.reduce(torch.stack([logz.sum(), torch.tensor(float(logz.numel()), device=device)]),
+                               reduction="sum")
+    peaks = torch.tensor([logz.abs().max() if logz.numel() else -math.inf,
+                          -math.inf if probe is None or probe.max_logit is None else probe.max_logit], device=device)
+    peaks = accelerator.gather(peaks[None]).amax(0)
+    out = {"logz/mean": float(total[0] / total[1].clamp(min=1)), "logz/max_abs": float(peaks[0])}
+    if probe is not None and math.isfinite(float(peaks[1])):
+        out["attention/max_logit"] = float(peaks[1])
+    return out
 
 
 @contextmanager
@@ -499,13 +541,3 @@ def _accumulating(accelerator, model, last: bool):
             yield
     finally:
         accelerator.sync_gradients = True
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

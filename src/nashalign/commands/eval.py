@@ -1,4 +1,4 @@
-"""`nashalign eval winrate|ranking`: evaluate a policy (the statistics live in nashalign.evaluate).
+"""`nashalign eval winrate|ranking|generate`: evaluate a policy (the statistics live in nashalign.evaluate).
 
     nashalign eval winrate --policy DIR --baseline DIR|responses.jsonl --prompts FILE --oracle ORACLE.yaml
         Samples one response per prompt from the policy (and from the baseline when it is a model),
@@ -9,6 +9,10 @@
         Ranking accuracy of the model on preference pairs (summed, length-normalized, and the implicit
         reward against --ref), and the idealized ranking accuracy of the DPO optimum when the records
         carry a preference probability (field --pref-field).
+    nashalign eval generate --model DIR --prompts FILE --output-dir DIR [--name NAME]
+        The model's answer to every prompt of an AlpacaEval, Arena-Hard or nashalign prompt file (a local
+        file), written as answers.jsonl, alpaca_eval.json (AlpacaEval's model outputs) and
+        arena_hard.jsonl (Arena-Hard's model answers); see nashalign.answers.
 """
 
 from __future__ import annotations
@@ -52,6 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rank.add_argument("--max-length", type=int, default=1024)
     rank.add_argument("--batch-size", type=int, default=8)
     rank.add_argument("--output", help="also write the results as JSON to this file")
+    gen = sub.add_parser("generate", help="a model's answers in AlpacaEval / Arena-Hard / JSONL files",
+                         parents=[models])
+    gen.add_argument("--model", required=True, help="model directory (or hub name)")
+    gen.add_argument("--prompts", required=True,
+                     help="local prompt file: AlpacaEval ('instruction'), Arena-Hard ('uid', 'prompt') or 'prompt' rows")
+    gen.add_argument("--output-dir", required=True, help="where answers.jsonl, alpaca_eval.json, arena_hard.jsonl go")
+    gen.add_argument("--name", help="the generator / model name in the files; default: the model's directory name")
+    gen.add_argument("--max-new-tokens", type=int, default=2048)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--limit", type=int, help="answer only the first this many prompts")
 
 
 def _spec(name: str, args):
@@ -197,11 +213,36 @@ def _ranking(args) -> dict:
     return result
 
 
+def _generate(args) -> dict:
+    from nashalign.answers import answer_rows, chat_form, read_prompt_set
+    from nashalign.artifacts import atomic_write_text, write_jsonl
+    from nashalign.prompts import render_prompt
+
+    if args.limit is not None and args.limit < 1:
+        from nashalign import NashalignError
+
+        raise NashalignError(f"--limit: expected a positive integer, got {args.limit}")
+    prompts = read_prompt_set(args.prompts, args.limit)
+    model, tokenizer = _load(args.model, args, "--model")
+    rendered = [render_prompt(chat_form(p.prompt, tokenizer), tokenizer) for p in prompts]
+    outputs = _sample(model, tokenizer, rendered, args)
+    name = args.name or Path(args.model.rstrip("/")).name
+    files = answer_rows(prompts, outputs, name)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "answers.jsonl", files["answers.jsonl"])
+    atomic_write_text(out / "alpaca_eval.json", json.dumps(files["alpaca_eval.json"], indent=2, ensure_ascii=False) + "\n")
+    write_jsonl(out / "arena_hard.jsonl", files["arena_hard.jsonl"])
+    return {"prompts": len(prompts), "generator": name, "files": [str(out / key) for key in files],
+            "stopped": sum(o.finish_reason == "stop" for o in outputs)}
+
+
 def run(args: argparse.Namespace) -> int:
-    result = _win_rate(args) if args.task == "winrate" else _ranking(args)
+    tasks = {"winrate": _win_rate, "ranking": _ranking, "generate": _generate}
+    result = tasks[args.task](args)
     text = json.dumps(result, indent=2)
     print(text)
-    if args.output:
+    if getattr(args, "output", None):
         from nashalign.artifacts import atomic_write_text
 
         atomic_write_text(args.output, text + "\n")
