@@ -100,7 +100,10 @@ class ModelConfig:
         None, "reference model π_ref; unset: the policy's initial weights (scored before training, no copy)"
     )
     prev_name_or_path: str | None = _field(
-        None, "previous iterate π_t (inpo only); unset: the policy's initial weights (iteration 0)"
+        None, "previous iterate π_t (inpo, inpo-optimistic*); unset: the policy's initial weights (iteration 0)"
+    )
+    aux_name_or_path: str | None = _field(
+        None, "optimistic INPO's auxiliary policy π̂_{t−1} (inpo-optimistic*); unset: the policy's initial weights"
     )
     tokenizer_name_or_path: str | None = _field(None, "tokenizer; unset: the policy's")
     revision: str | None = _field(None, "hub branch, tag or commit of every hub-named model here; unset: main")
@@ -149,19 +152,23 @@ class DataConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    name: Literal["dpo", "ipo", "inpo", "sppo"] = _field("dpo", "pairwise loss")
+    name: Literal["dpo", "ipo", "inpo", "sppo", "inpo-optimistic", "inpo-optimistic-aux", "online-ipo", "nash-md"] = (
+        _field("dpo", "the loss (nashalign.losses; nash-md reads single responses, see docs/online.md)"))
     beta: float = _field(
         0.1, "KL weight of dpo / ipo / sppo, and the scale of the logged implicit rewards", gt=0
     )
     label_smoothing: float = _field(0.0, "dpo: probability that a label is flipped", ge=0, lt=0.5)
     robust: bool = _field(False, "dpo with label_smoothing: robust DPO (unbiased) instead of conservative DPO")
     average_log_probs: bool = _field(True, "ipo: log-ratios averaged over response tokens (as TRL) instead of summed")
-    eta: float = _field(0.005, "inpo: KL weight towards π_t (1/eta is the step size)", gt=0)
-    tau: float | None = _field(None, "inpo: KL weight towards π_ref; unset: eta / 3", ge=0)
+    eta: float = _field(0.005, "inpo, inpo-optimistic*: KL weight towards π_t (1/eta is the step size)", gt=0)
+    tau: float | None = _field(
+        None, "inpo*, online-ipo, nash-md: KL weight towards π_ref; unset: eta / 3", ge=0
+    )
     sft_weight: float = _field(0.0, "weight of the added SFT term (mean NLL per chosen token)", ge=0)
 
     def check(self) -> None:
-        if self.tau is not None and self.tau >= self.eta:
+        # only the INPO losses mix π_ref and π_t with τ/η (the online loop's section has no name: it checks this)
+        if getattr(self, "name", "dpo").startswith("inpo") and self.tau is not None and self.tau >= self.eta:
             raise ConfigFieldError("tau", f"expected tau < eta ({self.eta}) so that tau/eta < 1, got {self.tau}")
 
     def resolve(self) -> None:
