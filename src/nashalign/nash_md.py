@@ -17,14 +17,22 @@ and unused).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nashalign.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from nashalign.mixture import geometric_mixture_logprobs
 from nashalign.sampling import TransformersSampler, _row_seeded_sampler, sample_seed
+from nashalign.sharding import from_main
 
-__all__ = ["MixtureSampler", "judge_opponents"]
+if TYPE_CHECKING:
+    from nashalign.online_config import OnlineConfig
+
+__all__ = ["MixtureSampler", "judge_opponents", "judge_opponents_stage", "sample_opponents"]
 
 
 def _mixture_processor(ref_model, attention_mask, mixture_coef: float):
@@ -107,3 +115,38 @@ def judge_opponents(oracle, judge_prompts: Sequence[str], groups, opponents) -> 
             for (p, j), prob in zip(index, probs)]
     judgments = [{"prompt_index": p, "sample_index": j, "prob": float(prob)} for (p, j), prob in zip(index, probs)]
     return rows, judgments
+
+
+def sample_opponents(policy_path: str, ref_path: str, tokenizer, prompts: list[str], indices: list[int],
+                    config: OnlineConfig, seed: int, state, progress: bool) -> list[dict]:
+    """nash-md's opponents: K samples of each prompt from the mixture of π_t and π_ref (transformers)."""
+    from nashalign.models import load_causal_lm, release
+
+    s = config.sampling
+    policy = load_causal_lm(config.model.spec(policy_path), where="model").to(state.device)
+    ref = load_causal_lm(config.model.spec(ref_path), where="model.ref_name_or_path").to(state.device)
+    sampler = MixtureSampler(policy, ref, tokenizer, mixture_coef=s.mixture_coef, max_new_tokens=s.max_new_tokens,
+                             temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=seed)
+    groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
+                              progress=progress and state.is_local_main_process)
+    release(sampler, policy, ref)
+    del sampler, policy, ref
+    release()
+    return [dataclasses.asdict(g) for group in groups for g in group]
+
+
+def judge_opponents_stage(it: Path, oracle, judge_prompts: list[str], groups, opponents, state):
+    """Stage 2 of nash-md: P(sample ≻ its opponent) of every sample → judgments.jsonl,
+    pair_stats.json, pairs.jsonl (last), as the loop's `_judge` (every process asks, the oracle splits the rows)."""
+    pairs_path = it / "pairs.jsonl"
+    if not from_main(state, pairs_path.exists):
+        calls_before = oracle.counts.judge_calls
+        rows, judgments = judge_opponents(oracle, judge_prompts, groups, opponents)
+        stats = {"kept": len(rows), "dropped": 0, "comparisons": len(rows), "method": "mixture",
+                 "judge_calls": oracle.counts.judge_calls - calls_before}
+        if state.is_main_process:
+            write_jsonl(it / "judgments.jsonl", judgments)
+            write_json(it / "pair_stats.json", stats)
+            write_jsonl(pairs_path, rows)
+        state.wait_for_everyone()
+    return read_jsonl(pairs_path), read_json(it / "pair_stats.json")

@@ -68,6 +68,7 @@ from nashalign.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from nashalign.config import TrainConfig, dump_config, validated
 from nashalign.data import TokenizedPair, TruncationReport, truncate_pairs
 from nashalign.models import load_tokenizer, release
+from nashalign.nash_md import judge_opponents_stage
 from nashalign.online_config import (
     ALGORITHMS,
     OnlineConfig,
@@ -152,7 +153,9 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
 
     s = config.sampling
     if ref_path is not None:
-        return _sample_mixture(policy_path, ref_path, tokenizer, prompts, indices, config, seed, state, progress)
+        from nashalign.nash_md import sample_opponents
+
+        return sample_opponents(policy_path, ref_path, tokenizer, prompts, indices, config, seed, state, progress)
     # vLLM runs in one process only for now (run_online refuses backend "vllm" with several)
     backend = "transformers" if s.backend == "auto" and state.num_processes > 1 else s.backend
     sampler = make_sampler(
@@ -166,25 +169,6 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
                               progress=progress and state.is_local_main_process)
     release(sampler)  # a vLLM engine is shut down; the caller's stage ends with release()
     del sampler
-    release()
-    return [dataclasses.asdict(g) for group in groups for g in group]
-
-
-def _sample_mixture(policy_path: str, ref_path: str, tokenizer, prompts: list[str], indices: list[int],
-                    config: OnlineConfig, seed: int, state, progress: bool) -> list[dict]:
-    """nash-md's opponents: K samples of each prompt from the mixture of π_t and π_ref (transformers)."""
-    from nashalign.models import load_causal_lm
-    from nashalign.nash_md import MixtureSampler
-
-    s = config.sampling
-    policy = load_causal_lm(config.model.spec(policy_path), where="model").to(state.device)
-    ref = load_causal_lm(config.model.spec(ref_path), where="model.ref_name_or_path").to(state.device)
-    sampler = MixtureSampler(policy, ref, tokenizer, mixture_coef=s.mixture_coef, max_new_tokens=s.max_new_tokens,
-                             temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=seed)
-    groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
-                              progress=progress and state.is_local_main_process)
-    release(sampler, policy, ref)
-    del sampler, policy, ref
     release()
     return [dataclasses.asdict(g) for group in groups for g in group]
 
@@ -221,25 +205,6 @@ def _judge(it: Path, oracle, judge_prompts: list[str], groups, config: OnlineCon
             write_jsonl(it / "judgments.jsonl", (j.to_dict() for j in result.judgments))
             write_json(it / "pair_stats.json", stats)
             write_jsonl(pairs_path, (p.to_dict() for p in result.pairs))
-        state.wait_for_everyone()
-    return read_jsonl(pairs_path), read_json(it / "pair_stats.json")
-
-
-def _judge_opponents(it: Path, oracle, judge_prompts: list[str], groups, opponents, state):
-    """Stage 2 of nash-md: P(sample ≻ its opponent) of every sample → judgments.jsonl,
-    pair_stats.json, pairs.jsonl (last), as `_judge` (every process asks, the oracle splits the rows)."""
-    pairs_path = it / "pairs.jsonl"
-    if not from_main(state, pairs_path.exists):
-        from nashalign.nash_md import judge_opponents
-
-        calls_before = oracle.counts.judge_calls
-        rows, judgments = judge_opponents(oracle, judge_prompts, groups, opponents)
-        stats = {"kept": len(rows), "dropped": 0, "comparisons": len(rows), "method": "mixture",
-                 "judge_calls": oracle.counts.judge_calls - calls_before}
-        if state.is_main_process:
-            write_jsonl(it / "judgments.jsonl", judgments)
-            write_json(it / "pair_stats.json", stats)
-            write_jsonl(pairs_path, rows)
         state.wait_for_everyone()
     return read_jsonl(pairs_path), read_json(it / "pair_stats.json")
 
@@ -424,7 +389,7 @@ def run_online(
             opponents = _generate(it / "opponents.jsonl", phase.model.name_or_path, tokenizer, current.rendered,
                                   config, stage_seed(config.run.seed, t, 4), state, progress,
                                   ref_path=reference_path(config, t))
-            pairs, stats = _judge_opponents(it, oracle, current.judge, groups, opponents, state)
+            pairs, stats = judge_opponents_stage(it, oracle, current.judge, groups, opponents, state)
         else:
             pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
         release(oracle)  # judging is over: the judge's model leaves memory before scoring and training
