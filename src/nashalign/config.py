@@ -167,8 +167,9 @@ class LossConfig:
     sft_weight: float = _field(0.0, "weight of the added SFT term (mean NLL per chosen token)", ge=0)
 
     def check(self) -> None:
-        # only the INPO losses mix π_ref and π_t with τ/η (the online loop's section has no name: it checks this)
-        if getattr(self, "name", "dpo").startswith("inpo") and self.tau is not None and self.tau >= self.eta:
+        # online-ipo and nash-md read τ alone; the online loop's section has no name and checks this itself
+        if getattr(self, "name", None) not in (None, "online-ipo", "nash-md") and self.tau is not None \
+                and self.tau >= self.eta:
             raise ConfigFieldError("tau", f"expected tau < eta ({self.eta}) so that tau/eta < 1, got {self.tau}")
 
     def resolve(self) -> None:
