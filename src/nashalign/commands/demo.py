@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=defaults.output_dir, help="where the runs and the report go")
     parser.add_argument("--iterations", type=int, default=defaults.iterations, help="online iterations per algorithm")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--families", type=int, default=defaults.families,
+                        help=f"prompt families (1 to {defaults.families}), 6 prompts each")
     parser.add_argument(
         "--algorithms",
         default=",".join(defaults.algorithms),
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not algorithms or len(set(algorithms)) != len(algorithms):
         raise NashalignError(f"--algorithms: expected a comma list of distinct names from {', '.join(known)}, "
                              f"got {args.algorithms!r}")
+    if not 1 <= args.families <= DemoSettings().families:
+        raise NashalignError(f"--families: expected 1 to {DemoSettings().families}, got {args.families}")
     for name in ("iterations", "refresh_every"):
         if getattr(args, name) < 1:
             raise NashalignError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     summary = run_demo(
         DemoSettings(output_dir=args.output_dir, iterations=args.iterations, seed=args.seed, algorithms=algorithms,
-                     refresh_every=args.refresh_every, tau=args.tau, eta=args.eta)
+                     refresh_every=args.refresh_every, tau=args.tau, eta=args.eta, families=args.families)
     )
     print()
     for note in summary["notes"]:
