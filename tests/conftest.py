@@ -49,3 +49,34 @@ def tiny_model_dir(tmp_path_factory):
     from nashalign.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def two_eos_model_dir(tmp_path_factory):
+    """Llama-3-style stop tokens, saved in Hugging Face format (read-only for tests).
+
+    The tokenizer's eos_token is "</s>" (like <|end_of_text|>); chat turns end with a second special
+    token "<|eot|>" (like <|eot_id|>); the generation config lists both as EOS ids, "</s>" first.
+    The model is tilted to stop on "<|eot|>" and never on "</s>": every token embedding gets the
+    constant first feature 0.1, and the output rows of "<|eot|>" / "</s>" weigh that feature +1.5 /
+    -1.5, so after the final norm "<|eot|>" gets a logit of about +4.5 (a stop within 6 tokens in
+    most samples) and "</s>" about -4.5.
+    """
+    import torch
+
+    from nashalign.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    tokenizer.chat_template = tokenizer.chat_template.replace("eos_token", "'<|eot|>'")
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    model = build_model(tokenizer)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.1
+        model.lm_head.weight[eot, 0] = 1.5
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = -1.5
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, eot]
+    directory = tmp_path_factory.mktemp("two_eos_model")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

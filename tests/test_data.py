@@ -458,6 +458,31 @@ def test_template_without_eos_gets_one_appended(tiny_tokenizer):
     assert tok.decode(pair.chosen_ids) == "yes\n</s>"
 
 
+def test_stop_token_ids_end_responses_where_generation_stops(two_eos_model_dir):
+    """Llama-3-style stop tokens: the template ends turns with "<|eot|>\\n" while the tokenizer's
+    eos_token is "</s>". Given the model's stop ids ["</s>", "<|eot|>"], a response ends with the
+    "<|eot|>" its turn ends with, as generation stops there; with the tokenizer's EOS alone it would
+    run on through "\\n" and get a "</s>" appended that the model never produces after "<|eot|>".
+    String responses likewise; a trailing run "<|eot|></s>" is cut after its first token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<|eot|>")
+    records = load_records(
+        [
+            {"prompt": [user("Hi")], "chosen": [assistant("yes")], "rejected": [assistant("no")]},
+            {"prompt": "Hi", "chosen": " yes<|eot|>", "rejected": " no<|eot|></s>"},
+        ]
+    )
+    (chat, text), _ = tokenize_records(records, tok, stop_token_ids=[eos, eot])
+    assert chat.chosen_ids == _ids(tok, "yes") + [eot] and chat.rejected_ids == _ids(tok, "no") + [eot]
+    assert text.chosen_ids == _ids(tok, " yes") + [eot] and text.rejected_ids == _ids(tok, " no") + [eot]
+    (chat_eos_only, _), _ = tokenize_records(records, tok)
+    assert chat_eos_only.chosen_ids == _ids(tok, "yes") + [eot] + _ids(tok, "\n") + [eos]
+    with pytest.raises(NashalignError, match="stop_token_ids must be token ids"):
+        tokenize_records(records, tok, stop_token_ids=["<|eot|>"])
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     response=st.lists(
@@ -500,9 +525,85 @@ def test_conversational_without_template_and_non_prefix_template_raise(tiny_toke
         "+ m['content'] + eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     )
     with pytest.raises(
-        NashalignError, match=r"records\[0\]: field 'chosen': the chat template renders the prompt"
+        NashalignError,
+        match=r"records\[0\]: field 'chosen': the chat template renders the prompt .* cannot be located: "
+        r"after 'r\|>\\nHi</s><\|' \(character 17\) the prompt continues 'assistant\|>\\n', the "
+        r"conversation 'bot\|>\\nyes</s>'",
     ):
         tokenize_records(records, odd)
+
+
+# A chat template whose generation prompt ends with a space: with the byte-level BPE tokenizer the
+# prompt ends with the token 'Ġ', while in the conversation that space merges into 'ĠParis'.
+SPACE_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def space_tokenizer():
+    """The tiny byte-level BPE (trained here with `tokenizers`) with SPACE_TEMPLATE."""
+    from nashalign.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = SPACE_TEMPLATE
+    return tokenizer
+
+
+def test_generation_prompt_ending_inside_a_token_is_tokenized_separately(space_tokenizer, caplog):
+    """prompt "user: What is the capital of France?</s>\nassistant: " ends with 'Ġ'; the conversation
+    continues "assistant: Paris</s>", tokenized 'ĠParis', so the prompt's ids are not a prefix of the
+    conversation's. The response is then the text after the rendered prompt, "Paris</s>\n" (EOS-cut:
+    "Paris</s>"), tokenized alone and appended to the template's prompt ids, which are what the policy
+    continues when it generates. A response starting with a space (" London": 'Ġ', 'ĠLondon') keeps
+    the prompt's ids as a prefix and is not counted."""
+    tok = space_tokenizer
+    prompt = [user("What is the capital of France?")]
+    records = load_records(
+        [
+            {"prompt": prompt, "chosen": [assistant("Paris")], "rejected": [assistant("London")]},
+            {"prompt": prompt, "chosen": [assistant(" Paris")], "rejected": [assistant(" London")]},
+        ]
+    )
+    template_prompt = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    full = tok.apply_chat_template(prompt + [assistant("Paris")], tokenize=True, return_dict=True)["input_ids"]
+    assert tok.convert_ids_to_tokens(template_prompt["input_ids"])[-2:] == [":", "Ġ"]
+    assert full[: len(template_prompt["input_ids"])] != template_prompt["input_ids"]
+
+    with caplog.at_level(logging.WARNING):
+        (split, spaced), report = tokenize_records(records, tok)
+    assert split.prompt_ids == spaced.prompt_ids == template_prompt["input_ids"]
+    assert tok.convert_ids_to_tokens(split.chosen_ids) == ["P", "aris", "</s>"]  # no 'Paris' without 'Ġ'
+    assert split.chosen_ids == tok("Paris</s>", add_special_tokens=False)["input_ids"]
+    assert split.rejected_ids == tok("London</s>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(spaced.chosen_ids) == ["ĠParis", "</s>"]
+    assert report.separately_tokenized == 1 and report.kept == 2
+    assert "1 conversational records tokenized as prompt and response separately" in report.summary()
+    assert "tokenized separately and concatenated" in caplog.text
+
+
+def test_separately_tokenized_pairs_train_on_the_context_the_policy_generates_from(space_tokenizer):
+    """The point of tokenizing separately: a pair's prompt ids are exactly the ids the online loop and
+    the sampler feed the policy (nashalign.prompts: the rendered prompt tokenized without added
+    special tokens), trailing 'Ġ' included, and prompt + response decode to the rendered
+    conversation (up to the response's EOS). (TRL 1.16 instead cuts the prompt at the common token
+    prefix, dropping that 'Ġ' from the training context, and warns that it differs from inference.)"""
+    from nashalign.prompts import render_prompt
+
+    tok = space_tokenizer
+    rows = [
+        {"prompt": [user("Hi")], "chosen": [assistant("yes")], "rejected": [assistant("no")]},
+        {"prompt": [user("Sea?")], "chosen": [assistant("blue")], "rejected": [assistant(" wide")]},
+    ]
+    pairs, report = tokenize_records(load_records(rows), tok)
+    assert report.separately_tokenized == 2
+    for row, pair in zip(rows, pairs):
+        assert pair.prompt_ids == tok(render_prompt(row["prompt"], tok), add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(pair.prompt_ids)[-1] == "Ġ"
+        for side, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            rendered = tok.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+            assert tok.decode(pair.prompt_ids + ids) == rendered[: rendered.rindex("</s>") + len("</s>")]
 
 
 def test_truncation_keeps_prompt_end_and_response_start(tiny_tokenizer):

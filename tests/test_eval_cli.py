@@ -65,3 +65,30 @@ def test_ranking_accuracy_and_idealized(tmp_path, tiny_model_dir, capsys):
         assert result["implicit_reward"] == 0.5
         assert result["idealized"] == expected
         assert 0 <= result["summed"] <= 1 and 0 <= result["length_normalized"] <= 1
+
+
+def test_ranking_scores_responses_ending_with_the_models_stop_token(tmp_path, two_eos_model_dir, monkeypatch, capsys):
+    """A model that stops on a second EOS id "<|eot|>" (its template ends turns with it, its tokenizer's
+    eos_token is "</s>"): the pairs eval ranks are scored up to that "<|eot|>", as the model would
+    produce them, not through the template's newline to an appended "</s>"."""
+    from transformers import AutoTokenizer
+
+    from nashalign.commands import eval as eval_command
+
+    scored = []
+    real = eval_command._pair_logps
+
+    def recording(model, tokenizer, pairs, batch_size):
+        scored.extend(pairs)
+        return real(model, tokenizer, pairs, batch_size)
+
+    monkeypatch.setattr(eval_command, "_pair_logps", recording)
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(data, [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+                        "rejected": [{"role": "assistant", "content": "no"}]}])
+    assert main(["eval", "ranking", "--model", str(two_eos_model_dir), "--data", str(data)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    (pair,) = scored
+    assert pair.chosen_ids == tokenizer("yes", add_special_tokens=False)["input_ids"] + [eot]
+    assert json.loads(capsys.readouterr().out)["pairs"] == 1

@@ -109,6 +109,66 @@ def test_a_different_config_in_the_same_run_directory_is_refused(tmp_path, tiny_
         run_online(from_mapping(OnlineConfig, mapping), oracle=oracle)
 
 
+def test_pairs_are_scored_on_the_eos_id_that_stopped_each_sample(tmp_path, two_eos_model_dir):
+    """A Llama-3-style model stops on the second id of its generation config's EOS list ("<|eot|>",
+    not the tokenizer's "</s>"): the generations record it, and the pairs built from them are scored
+    and trained on sequences that end with it. Checked by hand: a pair's logps.safetensors entry under
+    π_0 equals the summed log-probs of the response tokens followed by the recorded stop token,
+    computed directly with the model, and the training phase's data fingerprint is that of the pairs
+    built by hand the same way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mapping = _config(tmp_path, two_eos_model_dir, prompts=4, iterations=1, sampling__max_new_tokens=6)
+    result = run_online(from_mapping(OnlineConfig, mapping), oracle=GameOracle(ANSWERS, GAME_P, invalid="worst"))
+    tokenizer = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot|>")
+    it = result.run_dir / "iter_0"
+    generations = read_jsonl(it / "generations.jsonl")
+    assert {g["stop_token_id"] for g in generations if g["finish_reason"] == "stop"} == {eot}
+    groups = {(g["prompt_index"], g["sample_index"]): g for g in generations}
+    pairs = read_jsonl(it / "pairs.jsonl")
+    logps = load_file(it / "logps.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(two_eos_model_dir).eval()
+    prompts = [line["prompt"] for line in read_jsonl(tmp_path / "prompts.jsonl")]
+    checked = 0
+    for n, pair in enumerate(pairs):
+        for side in ("chosen", "rejected"):
+            sample = groups[(pair["prompt_index"], pair[f"{side}_index"])]
+            if sample["finish_reason"] != "stop":
+                continue
+            rendered = tokenizer.apply_chat_template(prompts[pair["prompt_index"]], tokenize=False,
+                                                     add_generation_prompt=True)
+            prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            response = sample["token_ids"] + [eot]
+            ids = torch.tensor([prompt_ids + response])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+            expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).sum()
+            torch.testing.assert_close(logps[f"ref_{side}"][n], expected, rtol=1e-4, atol=1e-4)
+            assert eos not in response
+            checked += 1
+    assert checked > 0
+
+    # Trained on the same sequences: the training phase's data fingerprint is that of the pairs built
+    # here by hand from the generations, each stopped response followed by "<|eot|>".
+    from nashalign.checkpoint import latest_checkpoint, load_trainer_state
+    from nashalign.data import TokenizedPair
+    from nashalign.train import _data_fingerprint
+
+    def response_ids(sample):
+        return sample["token_ids"] + ([eot] if sample["finish_reason"] == "stop" else [])
+
+    by_hand = []
+    for pair in pairs:
+        rendered = tokenizer.apply_chat_template(prompts[pair["prompt_index"]], tokenize=False,
+                                                 add_generation_prompt=True)
+        chosen, rejected = (groups[(pair["prompt_index"], pair[f"{side}_index"])] for side in ("chosen", "rejected"))
+        by_hand.append(TokenizedPair(tokenizer(rendered, add_special_tokens=False)["input_ids"], response_ids(chosen),
+                                     response_ids(rejected), ""))
+    state = load_trainer_state(latest_checkpoint(it / "train" / "checkpoints"))
+    assert state["data"] == _data_fingerprint(by_hand)
+
+
 # --------------------------------------------------------------------------- crash safety
 
 

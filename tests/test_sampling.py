@@ -215,6 +215,52 @@ def test_finish_reasons_with_eos_bias(tiny_model, tiny_tokenizer):
             assert len(g.token_ids) == 12 if g.finish_reason == "length" else len(g.token_ids) < 12
 
 
+def _two_eos(directory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return AutoModelForCausalLM.from_pretrained(directory), tokenizer, tokenizer.convert_tokens_to_ids("<|eot|>")
+
+
+def test_generation_keeps_the_eos_id_that_stopped_it(two_eos_model_dir):
+    """A model whose generation config lists two EOS ids ["</s>", "<|eot|>"] and which is tilted to
+    stop on "<|eot|>": every stopped generation records "<|eot|>" as its stop token and its
+    response_ids end with it, although the tokenizer's eos_token is "</s>"; a response cut by
+    max_new_tokens has no stop token. With the two output rows swapped the model stops on "</s>"
+    and that is what is recorded."""
+    model, tokenizer, eot = _two_eos(two_eos_model_dir)
+    eos = tokenizer.eos_token_id
+    assert tokenizer.eos_token_id != eot and model.generation_config.eos_token_id == [eos, eot]
+    sampler = TransformersSampler(model, tokenizer, max_new_tokens=6, batch_size=8, seed=2)
+    generations = [g for row in sampler.generate(PROMPTS, 4, progress=False) for g in row]
+    stopped = [g for g in generations if g.finish_reason == "stop"]
+    assert stopped and any(g.token_ids for g in stopped) and len(stopped) < len(generations)
+    for g in generations:
+        assert eos not in g.token_ids and eot not in g.token_ids
+        if g.finish_reason == "stop":
+            assert g.stop_token_id == eot and g.response_ids == g.token_ids + [eot]
+        else:
+            assert g.stop_token_id is None and g.response_ids == g.token_ids and len(g.token_ids) == 6
+
+    with torch.no_grad():
+        rows = model.lm_head.weight[[eot, eos]].clone()
+        model.lm_head.weight[[eos, eot]] = rows
+    swapped = [g for row in sampler.generate(PROMPTS, 4, progress=False) for g in row]
+    assert {g.stop_token_id for g in swapped if g.finish_reason == "stop"} == {eos}
+
+
+def test_generation_rows_round_trip_and_older_rows_default_their_stop_token():
+    """Generation.from_row reads a generations.jsonl row back; a row written before stop tokens were
+    recorded gets the given default when it stopped, none when it was cut by length."""
+    import dataclasses
+
+    g = Generation(3, 1, "hi", [7, 8], "stop", 512)
+    assert Generation.from_row(dataclasses.asdict(g), 2) == g
+    old = {"prompt_index": 3, "sample_index": 1, "text": "hi", "token_ids": [7, 8], "finish_reason": "stop"}
+    assert Generation.from_row(old, 2).response_ids == [7, 8, 2]
+    assert Generation.from_row({**old, "finish_reason": "length"}, 2).response_ids == [7, 8]
+
+
 def test_state_is_restored(tiny_model, tiny_tokenizer):
     """Generation leaves the tokenizer's padding side and the model's training flag as they were."""
     tiny_model.train()
@@ -348,11 +394,12 @@ def test_vllm_sampler(tmp_path, tiny_tokenizer):
 class FakeVLLM:
     """Stands in for the `vllm` package (not installable here) to test the glue in VLLMSampler:
     request construction, output parsing, greedy handling and engine reloads. Each engine answers a
-    request with completions whose tokens are (prompt length + child index) repeated, then EOS for
-    even children (finish "stop", EOS included as vLLM returns it) and max_tokens tokens for odd
-    children (finish "length")."""
+    request with completions whose tokens are (prompt length + child index) repeated, then a stop
+    token for even children (finish "stop"; child j stops on stop_ids[j // 2 % len(stop_ids)],
+    included as vLLM returns it, or, with return_stop=False, left out and named by `stop_reason`)
+    and max_tokens tokens for odd children (finish "length")."""
 
-    def __init__(self, eos_id):
+    def __init__(self, stop_ids, return_stop=True):
         self.engines, self.cleanups, self.requests = [], 0, []
         fake = self
 
@@ -372,11 +419,14 @@ class FakeVLLM:
                     completions = []
                     for j in range(p.n):
                         token = len(request["prompt_token_ids"]) + j + 10
-                        if j % 2 == 0:
-                            ids, reason = [token, token, eos_id], "stop"
+                        stop = stop_ids[j // 2 % len(stop_ids)] if j % 2 == 0 else None
+                        if stop is not None:
+                            ids, reason = [token, token] + ([stop] if return_stop else []), "stop"
                         else:
                             ids, reason = [token] * p.max_tokens, "length"
-                        completions.append(SimpleNamespace(index=j, token_ids=ids, finish_reason=reason))
+                        completions.append(
+                            SimpleNamespace(index=j, token_ids=ids, finish_reason=reason, stop_reason=stop)
+                        )
                     outputs.append(SimpleNamespace(outputs=completions[::-1]))  # any order
                 return outputs
 
@@ -401,7 +451,7 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
     prompt with n samples and a distinct seed; outputs come back ordered by child index with EOS
     and padding removed and the right finish reason; greedy asks once and copies (vLLM refuses
     n > 1 when greedy); update_weights frees the engine and builds a new one from the new path."""
-    fake = FakeVLLM(tiny_tokenizer.eos_token_id)
+    fake = FakeVLLM([tiny_tokenizer.eos_token_id])
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -424,6 +474,7 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
         assert [g.sample_index for g in row] == [0, 1, 2]
         assert [g.token_ids for g in row] == [[length + 10] * 2, [length + 11] * 4, [length + 12] * 2]
         assert [g.finish_reason for g in row] == ["stop", "length", "stop"]
+        assert [g.stop_token_id for g in row] == [tiny_tokenizer.eos_token_id, None, tiny_tokenizer.eos_token_id]
         assert row[0].text == tiny_tokenizer.decode([length + 10] * 2)
 
     greedy = make_sampler("vllm", tiny_model_dir, max_new_tokens=4, temperature=0.0, top_p=0.5)
@@ -437,3 +488,25 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
     assert fake.cleanups == 1 and len(fake.engines) == engines + 1 and sampler.llm is fake.engines[-1]
     with pytest.raises(NashalignError, match="checkpoint directory"):
         sampler.update_weights(object())
+
+
+@pytest.mark.parametrize("return_stop", [True, False])
+def test_vllm_sampler_records_which_eos_id_stopped_each_completion(monkeypatch, two_eos_model_dir, return_stop):
+    """Without vLLM: a model whose generation config lists two EOS ids sends both as stop_token_ids;
+    a completion that stopped on the second one records it as its stop token, whether vLLM returns
+    the stop token among the completion's ids or only names it in `stop_reason`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot|>")
+    fake = FakeVLLM([eos, eot], return_stop=return_stop)
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    sampler = make_sampler("vllm", two_eos_model_dir, max_new_tokens=4)
+    rows = sampler.generate(PROMPTS, 4, progress=False)
+    assert all(p.stop_token_ids == [eos, eot] for p in fake.requests[-1][1])
+    for row in rows:
+        assert [g.stop_token_id for g in row] == [eos, None, eot, None]
+        assert [g.finish_reason for g in row] == ["stop", "length", "stop", "length"]
+        assert row[2].response_ids == row[2].token_ids + [eot] and eot not in row[2].token_ids

@@ -525,3 +525,62 @@ def test_cli_end_to_end_on_the_tiny_config(model_dirs, tmp_path, capsys):
     assert "bad.yaml:19: loss.beta: expected a float > 0, got -0.1" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(bad), "--set", "loss.beta=0.1", "--set", "optim.lr=0"]) == 2
     assert "--set optim.lr=0: optim.lr: expected a float > 0, got 0" in capsys.readouterr().err
+
+
+def test_cli_trains_on_a_template_whose_generation_prompt_ends_inside_a_token(model_dirs, tmp_path, capsys):
+    """A chat template whose generation prompt ends "assistant: " (a trailing space, the token 'Ġ'
+    that merges into the response's first word in the full conversation): `nashalign train` trains on
+    such conversational records and its summary reports how many were tokenized as prompt and
+    response separately (3 of 4 here: both responses of the fourth start with a space, so its
+    conversations keep the prompt's 'Ġ' and need no split; one such response is not enough)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(model_dirs["policy"], model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    tokenizer.save_pretrained(model_dir)
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Count up from {n}:"}],
+         "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}]}
+        for n, chosen, rejected in ((1, "1 2 3", "no"), (2, "2 3 4", "no"), (3, "3 4 5", " no"), (4, " 4 5 6", " no"))
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    status = cli.main([
+        "train", "--config", str(ROOT / "configs" / "train-tiny.yaml"), "--set", f"model.name_or_path={model_dir}",
+        "--set", f"output.dir={out}", "--set", "optim.epochs=1", "--set", f"data.train_file={data}",
+        "--set", "optim.per_device_batch_size=2",
+    ])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "trained 2 steps" in printed
+    assert ("data: 4/4 records kept; truncated: 0 prompts, 0 chosen, 0 rejected responses; 0 dropped "
+            "(prompt fills max_length); 3 conversational records tokenized as prompt and response separately") in printed
+
+
+def test_train_file_responses_end_with_the_stop_token_of_the_policy(two_eos_model_dir, tmp_path):
+    """`nashalign train` tokenizes data.train_file with the policy's stop ids (its generation config
+    lists "</s>" and "<|eot|>", and its template ends turns with "<|eot|>"): a conversational
+    response ends with "<|eot|>", the token the policy stops on, and nothing after it."""
+    from transformers import AutoTokenizer
+
+    from nashalign.train import training_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "assistant", "content": "no"}]}
+    data.write_text(json.dumps(row) + "\n")
+    config = from_mapping(TrainConfig, {"model": {"name_or_path": str(two_eos_model_dir)},
+                                        "data": {"train_file": str(data)}})
+    tokenizer = AutoTokenizer.from_pretrained(two_eos_model_dir)
+    (pair,), report = training_pairs(config, tokenizer)
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    assert pair.chosen_ids == tokenizer("yes", add_special_tokens=False)["input_ids"] + [eot]
+    assert report.kept == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nashalign import NashalignError
+from nashalign.json_input import load_json
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -60,7 +61,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = load_json(line, path, number)
             except json.JSONDecodeError as error:
                 raise NashalignError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
@@ -72,6 +73,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path.read_text(encoding="utf-8"), path)
     except json.JSONDecodeError as error:
         raise NashalignError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None

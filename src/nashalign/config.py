@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from nashalign import NashalignError
+from nashalign.json_input import RECURSION
 from nashalign.models import ModelSpec
 
 T = TypeVar("T")
@@ -242,6 +243,8 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise NashalignError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # the composer recurses once per nesting level
+        raise NashalignError(f"{source}: invalid YAML: {RECURSION}") from None
     if node is None:
         return {}, {}
     lines: dict[tuple[str, ...], int] = {}

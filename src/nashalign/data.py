@@ -12,17 +12,19 @@ Tokenization follows TRL's DPOTrainer (1.16), so losses on the same records agre
   boundary that prefix is shorter than the prompt, the prompt's last token(s) are replaced by the
   merged one, and the record is counted in `TruncationReport.boundary_merges` (TRL warns the same).
   A response that already ends with the EOS text gets no second one.
-- Conversational records: the prompt is rendered with `apply_chat_template(prompt,
-  add_generation_prompt=True)`; each response is `ids(prompt + response) - ids(prompt)`, the full
-  conversation rendered by the same template. A template for which the prompt's ids are not a prefix
-  of the full conversation's ids is an error naming the record.
+- Conversational records: through the chat template, see `nashalign.templates`; the prompt is the
+  template's generation prompt, exactly what the policy continues when it generates. Records whose
+  generation prompt ends inside a token are counted in `TruncationReport.separately_tokenized`.
 
-One end-of-sequence token ends each response. What "ends" means for templates that write text after
-the EOS of a turn (the tiny template writes "</s>\\n"): the response stops at its last EOS token;
-the template's tokens after it (the "\\n") are never generated (generation stops at EOS), so they are
-dropped and the log-prob of the EOS itself is the last one counted. `keep_after_eos=True` keeps them,
-which is what TRL does. A response without any EOS gets one appended; trailing runs of EOS are
-collapsed to one. A response cut by `max_length` ends where it is cut, without EOS.
+One end-of-sequence token ends each response. An EOS token is the tokenizer's or any of
+`stop_token_ids`, the ids generation stops on (a model's `generation_config.eos_token_id` may list
+several: Llama 3 stops on <|end_of_text|> and on <|eot_id|>, which ends its chat turns). What "ends"
+means for templates that write text after the EOS of a turn (the tiny template writes "</s>\\n"): the
+response stops at its last EOS token; the template's tokens after it (the "\\n") are never generated
+(generation stops at EOS), so they are dropped and the log-prob of the EOS itself is the last one
+counted. `keep_after_eos=True` keeps them, which is what TRL does. A response without any EOS gets the
+tokenizer's appended; a trailing run of EOS tokens is cut after its first, where generation stops. A
+response cut by `max_length` ends where it is cut, without EOS.
 
 Truncation: the prompt keeps its END (left-truncated to `max_prompt_length`, keeping a leading BOS);
 each response keeps its START so that prompt + response <= `max_length`. A record whose prompt alone
@@ -53,6 +55,7 @@ from nashalign.records import (
     read_records,
     split_implicit_prompt,
 )
+from nashalign.templates import RecordError, conversation_ids
 
 __all__ = [
     "PreferenceRecord",
@@ -97,7 +100,9 @@ class TruncationReport:
 
     `truncated_prompts` counts prompts cut from the left; `truncated_chosen` / `truncated_rejected`
     count responses cut from the right; `dropped` lists the sources of records that could not fit;
-    `boundary_merges` counts string records whose last prompt token merged with the response.
+    `boundary_merges` counts string records whose last prompt token merged with the response;
+    `separately_tokenized` counts conversational records whose prompt and responses were tokenized
+    separately because the template's generation prompt ends inside a token.
     """
 
     total: int = 0
@@ -105,6 +110,7 @@ class TruncationReport:
     truncated_chosen: int = 0
     truncated_rejected: int = 0
     boundary_merges: int = 0
+    separately_tokenized: int = 0
     dropped: list[str] = field(default_factory=list)
 
     @property
@@ -124,6 +130,13 @@ class TruncationReport:
         if self.dropped:
             shown = ", ".join(self.dropped[:5]) + (", ..." if len(self.dropped) > 5 else "")
             text += f": {shown}"
+        if self.boundary_merges:
+            text += f"; {self.boundary_merges} string prompts merge their last token into the response"
+        if self.separately_tokenized:
+            text += (
+                f"; {self.separately_tokenized} conversational records tokenized as prompt and response "
+                "separately (the generation prompt ends inside a token)"
+            )
         return text
 
 
@@ -134,8 +147,12 @@ def tokenize_records(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     keep_after_eos: bool = False,
+    stop_token_ids: Sequence[int] = (),
 ) -> tuple[list[TokenizedPair], TruncationReport]:
     """Tokenize records into pairs (see the module docstring for the conventions) and truncate them.
+
+    `stop_token_ids`: the ids the model stops generating on besides the tokenizer's EOS
+    (`nashalign.sampling.stop_token_ids` reads them from a model's generation config).
 
     Raises NashalignError listing every record that cannot be tokenized (conversational record without
     a chat template, template whose prompt is not a prefix of the conversation, empty prompt ids).
@@ -143,17 +160,21 @@ def tokenize_records(
     _check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
         raise NashalignError("the tokenizer has no eos_token; responses must end with one")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_token_ids):
+        raise NashalignError(f"stop_token_ids must be token ids (integers), got {list(stop_token_ids)!r}")
+    stops = frozenset(stop_token_ids) | {tokenizer.eos_token_id}
     pairs: list[TokenizedPair] = []
     problems: list[Problem] = []
     report = TruncationReport()
     for record in records:
         report.total += 1
         try:
-            prompt_ids, chosen_ids, rejected_ids, merged = _tokenize_record(record, tokenizer, keep_after_eos)
-        except _RecordError as error:
+            prompt_ids, chosen_ids, rejected_ids, merged, split = _tokenize_record(record, tokenizer, keep_after_eos, stops)
+        except RecordError as error:
             problems.append(Problem(record.source, error.field, str(error)))
             continue
         report.boundary_merges += merged
+        report.separately_tokenized += split
         pair = _truncate(
             TokenizedPair(prompt_ids, chosen_ids, rejected_ids, record.source, dict(record.extra)),
             max_length,
@@ -172,15 +193,17 @@ def tokenize_records(
             "newline) to avoid it.",
             report.boundary_merges,
         )
+    if report.separately_tokenized:
+        logger.warning(
+            "%d conversational record(s): the chat template's generation prompt ends inside a token of "
+            "prompt + response (e.g. a trailing space that merges with the response's first word); their "
+            "prompt and responses are tokenized separately and concatenated, the context the policy "
+            "generates from.",
+            report.separately_tokenized,
+        )
     if report.truncated_prompts or report.truncated_responses or report.dropped:
         logger.warning("truncation: %s", report.summary())
     return pairs, report
-
-
-class _RecordError(Exception):
-    def __init__(self, field_name: str | None, message: str):
-        super().__init__(message)
-        self.field = field_name
 
 
 def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> None:
@@ -194,27 +217,16 @@ def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> Non
         )
 
 
-def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: bool):
+def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: bool, stops: frozenset[int]):
+    """(prompt ids, chosen ids, rejected ids, boundary merged: 0/1, tokenized separately: 0/1)."""
     eos_id = tokenizer.eos_token_id
+    merged = split = 0
     if record.is_conversational:
-        if not getattr(tokenizer, "chat_template", None):
-            raise _RecordError("prompt", "conversational record, but the tokenizer has no chat template")
-        prompt_ids = _chat_ids(tokenizer, record.prompt, add_generation_prompt=True, field_name="prompt")
-        responses = []
-        for key in ("chosen", "rejected"):
-            full_ids = _chat_ids(
-                tokenizer, record.prompt + getattr(record, key), add_generation_prompt=False, field_name=key
-            )
-            if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise _RecordError(
-                    key,
-                    "the chat template renders the prompt (with add_generation_prompt=True) differently from "
-                    "the start of prompt + response, so the response tokens cannot be separated; the prompt "
-                    f"ends {tokenizer.decode(prompt_ids[-8:])!r}, the conversation continues "
-                    f"{tokenizer.decode(full_ids[max(0, len(prompt_ids) - 8) : len(prompt_ids) + 8])!r}",
-                )
-            responses.append(_end_with_one_eos(full_ids[len(prompt_ids) :], eos_id, keep_after_eos))
-        merged = 0
+        prompt_ids, response_ids, separately = conversation_ids(
+            tokenizer, record.prompt, {key: getattr(record, key) for key in ("chosen", "rejected")}
+        )
+        responses = [_end_with_one_eos(ids, stops, eos_id, keep_after_eos) for ids in response_ids]
+        split = int(separately)
     else:
         eos_text = tokenizer.eos_token
         prompt_ids = _text_ids(tokenizer, record.prompt)
@@ -225,22 +237,10 @@ def _tokenize_record(record: PreferenceRecord, tokenizer: Any, keep_after_eos: b
         prompt_len = min(_common_prefix_length(prompt_ids, ids) for ids in full)
         merged = int(prompt_len < len(prompt_ids))
         prompt_ids = prompt_ids[:prompt_len]
-        responses = [_end_with_one_eos(ids[prompt_len:], eos_id, keep_after_eos) for ids in full]
+        responses = [_end_with_one_eos(ids[prompt_len:], stops, eos_id, keep_after_eos) for ids in full]
     if not prompt_ids:
-        raise _RecordError("prompt", "tokenizes to no tokens, so the first response token has no context")
-    return prompt_ids, responses[0], responses[1], merged
-
-
-def _chat_ids(
-    tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool, field_name: str
-) -> list[int]:
-    try:
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
-        )
-    except Exception as error:  # a template may raise anything (jinja2 errors, raise_exception(...))
-        raise _RecordError(field_name, f"the chat template failed: {type(error).__name__}: {error}") from None
-    return list(encoded["input_ids"])
+        raise RecordError("prompt", "tokenizes to no tokens, so the first response token has no context")
+    return prompt_ids, responses[0], responses[1], merged, split
 
 
 def _text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -262,13 +262,14 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return length
 
 
-def _end_with_one_eos(ids: list[int], eos_id: int, keep_after_eos: bool) -> list[int]:
-    """`ids` cut after its last EOS (unless `keep_after_eos`), with EOS appended if there is none."""
-    if eos_id not in ids:
+def _end_with_one_eos(ids: list[int], stops: frozenset[int], eos_id: int, keep_after_eos: bool) -> list[int]:
+    """`ids` cut after its last stop token (unless `keep_after_eos`), a trailing run of stop tokens cut
+    after its first, with `eos_id` appended if there is no stop token."""
+    positions = [i for i, token in enumerate(ids) if token in stops]
+    if not positions:
         return ids + [eos_id]
-    last = len(ids) - 1 - ids[::-1].index(eos_id)
-    head, tail = ids[: last + 1], ids[last + 1 :]
-    while len(head) >= 2 and head[-2] == eos_id:
+    head, tail = ids[: positions[-1] + 1], ids[positions[-1] + 1 :]
+    while len(head) >= 2 and head[-2] in stops:
         head = head[:-1]
     return head + tail if keep_after_eos else head
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from nashalign import NashalignError
+from nashalign.json_input import load_json
 
 SYMMETRY_TOLERANCE = 1e-6
 """Largest accepted |P[a, b] + P[b, a] − 1| and |Σ ref − 1| in user input."""
@@ -298,7 +299,7 @@ def load_game(path: str | Path) -> Game:
     except UnicodeDecodeError:
         raise NashalignError(f"{path}: not a UTF-8 text file") from None
     try:
-        data = json.loads(text)
+        data = load_json(text, path)
     except json.JSONDecodeError as error:
         raise NashalignError(
             f"{path}: line {error.lineno} column {error.colno}: invalid JSON: {error.msg}"

@@ -130,7 +130,7 @@ class JudgmentCache:
                 record = json.loads(line)
                 p = float(record["p"])
                 key = record["key"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise NashalignError(f"{self.path}:{number}: not a judgment record; delete the line or the file") from None
             if not (isinstance(key, str) and 0.0 <= p <= 1.0):
                 raise NashalignError(f"{self.path}:{number}: not a judgment record; delete the line or the file")

@@ -94,6 +94,7 @@ from nashalign.prompts import (
     prompt_set,
     render_prompt,
 )
+from nashalign.sampling import Generation
 from nashalign.sharding import from_main, process_state, split_oracle
 
 __all__ = [  # the config lives in nashalign.online_config, the prompt helpers in nashalign.prompts
@@ -212,11 +213,12 @@ def _judge(it: Path, oracle, judge_prompts: list[str], groups, config: OnlineCon
 def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_id: int,
                     rejected_groups=None) -> list[TokenizedPair]:
     """Pairs as token ids exactly as sampled (no re-tokenization): a response that stopped ends with
-    one EOS, a response cut by max_new_tokens ends where it was cut. `rejected_groups` (nash-md's
-    opponents): the rejected responses' samples, if not `groups`."""
+    the EOS id that stopped it (`eos_id` only for generations recorded without one), a response cut
+    by max_new_tokens ends where it was cut. `rejected_groups` (nash-md's opponents): the rejected
+    responses' samples, if not `groups`."""
 
     def response(sample: dict) -> list[int]:
-        return list(sample["token_ids"]) + ([eos_id] if sample["finish_reason"] == "stop" else [])
+        return Generation.from_row(sample, eos_id).response_ids
 
     out = []
     for pair in pairs:

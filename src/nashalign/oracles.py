@@ -40,6 +40,7 @@ import numpy as np
 from nashalign import NashalignError
 from nashalign.config import ConfigFieldError, from_mapping
 from nashalign.games import load_game, validate_game
+from nashalign.json_input import load_json
 
 
 @dataclasses.dataclass
@@ -318,7 +319,7 @@ def read_labels(path: str | Path) -> dict[str, list[tuple[int, float | None]]]:
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                record = load_json(text, path, line)
             except json.JSONDecodeError as error:
                 raise NashalignError(f"{path}:{line}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):

@@ -46,11 +46,13 @@ def prompt_file(config: PromptsConfig, t: int) -> str:
 def load_prompts(config: PromptsConfig, t: int = 0) -> list[str | list[dict]]:
     """The prompts of iteration t (see prompt_file), each a string or a list of {"role", "content"}
     messages."""
-    from nashalign.records import read_rows
+    from nashalign.sources import Problem, read_rows
 
     file = prompt_file(config, t)
     prompts = []
     for where, row in read_rows(file):
+        if isinstance(row, Problem):  # not valid JSON, invalid UTF-8, nested too deep
+            raise NashalignError(str(row))
         value = row.get(config.field) if isinstance(row, dict) else None
         ok_messages = isinstance(value, list) and value and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)

@@ -23,13 +23,12 @@ are logged. Identical chosen and rejected is a warning, logged, and the record i
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nashalign import NashalignError
+from nashalign.sources import Problem, describe_source, read_rows, type_name
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +59,6 @@ class PreferenceRecord:
     @property
     def is_conversational(self) -> bool:
         return isinstance(self.prompt, list)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A problem found in one record: where (`source`, `field`, None for the whole row) and what."""
-
-    source: str
-    field: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = self.source if self.field is None else f"{self.source}: field '{self.field}'"
-        return f"{where}: {self.message}"
 
 
 @dataclass
@@ -127,12 +113,6 @@ def load_records(source: Any, *, split: str | None = None, on_error: str = "rais
     return report.records
 
 
-def describe_source(source: Any) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    return type(source).__name__
-
-
 def read_records(source: Any, *, split: str | None = None) -> RecordReport:
     """Read `source` (see `load_records`) and validate every row; never raises for a bad record."""
     records: list[PreferenceRecord] = []
@@ -150,125 +130,10 @@ def read_records(source: Any, *, split: str | None = None) -> RecordReport:
     return RecordReport(records, problems, warnings)
 
 
-def read_rows(source: Any, *, split: str | None = None) -> list[tuple[str, Any]]:
-    """Raw rows `(where, row)` of `source` in order; a row that cannot be decoded is a `Problem`."""
-    if isinstance(source, list):
-        return [(f"records[{i}]", row) for i, row in enumerate(source)]
-    if not isinstance(source, (str, Path)):
-        return _dataset_rows(source, split, "dataset")
-    path = Path(source)
-    if not path.exists():
-        raise NashalignError(f"{path}: no such file or directory")
-    if path.is_dir():
-        return _dataset_rows(_load_from_disk(path), split, str(path))
-    if split is not None:
-        raise NashalignError(f"{path}: split={split!r} applies only to datasets folders, not to files")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_rows(path, path.read_bytes())
-    if suffix == ".json":
-        data = path.read_bytes()
-        if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
-            return _jsonl_rows(path, data)
-        return _json_rows(path, data)
-    if suffix == ".parquet":
-        return _parquet_rows(path)
-    raise NashalignError(
-        f"{path}: unknown file type {suffix!r}; expected .jsonl, .json, .parquet or a datasets folder"
-    )
-
-
-def _jsonl_rows(path: Path, data: bytes) -> list[tuple[str, Any]]:
-    # Decode line by line (not the whole file at once), so invalid UTF-8 is reported on its own line.
-    rows: list[tuple[str, Any]] = []
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{path}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            message = f"invalid UTF-8: byte 0x{raw[error.start]:02x} at column {error.start + 1}"
-            rows.append((where, Problem(where, None, message)))
-            continue
-        if not line.strip():
-            continue
-        try:
-            rows.append((where, json.loads(line)))
-        except json.JSONDecodeError as error:
-            rows.append((where, Problem(where, None, f"not valid JSON: {error.msg} at column {error.colno}")))
-    return rows
-
-
-def _json_rows(path: Path, data: bytes) -> list[tuple[str, Any]]:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise NashalignError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[error.start]:02x})") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise NashalignError(
-            f"{path}:{error.lineno}: not valid JSON: {error.msg} at column {error.colno}"
-        ) from None
-    if not isinstance(document, list):
-        raise NashalignError(
-            f"{path}: expected a JSON list of records (or one JSON object per line), got {_type_name(document)}"
-        )
-    return [(f"{path}[{i}]", row) for i, row in enumerate(document)]
-
-
-def _parquet_rows(path: Path) -> list[tuple[str, Any]]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        table = pyarrow.parquet.read_table(path)
-    except (pyarrow.ArrowException, OSError) as error:
-        raise NashalignError(f"{path}: not a readable Parquet file: {error}") from None
-    return [(f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist())]
-
-
-def _load_from_disk(path: Path) -> Any:
-    import datasets
-
-    if not any((path / name).exists() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
-        raise NashalignError(f"{path}: a folder, but not one written by datasets' save_to_disk")
-    try:
-        return datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise NashalignError(f"{path}: cannot load the datasets folder: {error}") from None
-
-
-def _dataset_rows(dataset: Any, split: str | None, name: str) -> list[tuple[str, Any]]:
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict):
-        splits = sorted(dataset)
-        if split is None:
-            if len(splits) != 1:
-                raise NashalignError(f"{name}: holds splits {splits}; choose one with split=")
-            split = splits[0]
-        if split not in dataset:
-            raise NashalignError(f"{name}: no split {split!r}; available: {splits}")
-        return [(f"{name}[{split}][{i}]", row) for i, row in enumerate(dataset[split].to_list())]
-    if isinstance(dataset, datasets.Dataset):
-        if split is not None:
-            raise NashalignError(
-                f"{name}: split={split!r} given but it holds a single Dataset, not a DatasetDict"
-            )
-        return [(f"{name}[{i}]", row) for i, row in enumerate(dataset.to_list())]
-    raise NashalignError(
-        f"cannot read records from a {type(dataset).__name__}; expected a path, a datasets.Dataset, "
-        "a DatasetDict or a list of dicts"
-    )
-
-
 def parse_record(row: Any, where: str) -> tuple[PreferenceRecord | None, list[Problem], list[Problem]]:
     """Validate one raw row; returns (record or None, problems, warnings)."""
     if not isinstance(row, dict):
-        return None, [Problem(where, None, f"expected a JSON object (a record), got {_type_name(row)}")], []
+        return None, [Problem(where, None, f"expected a JSON object (a record), got {type_name(row)}")], []
     problems: list[Problem] = []
     for key in ("chosen", "rejected"):
         if key not in row:
@@ -331,7 +196,7 @@ def _check_text(value: Any, where: str, key: str) -> list[Problem]:
     if isinstance(value, str):
         return _check_encodable(value, where, key)
     if not isinstance(value, list):
-        return [Problem(where, key, f"expected a string or a list of messages, got {_type_name(value)}")]
+        return [Problem(where, key, f"expected a string or a list of messages, got {type_name(value)}")]
     problems: list[Problem] = []
     for i, message in enumerate(value):
         name = f"{key}[{i}]"
@@ -340,7 +205,7 @@ def _check_text(value: Any, where: str, key: str) -> list[Problem]:
                 Problem(
                     where,
                     name,
-                    f"expected a message {{'role': ..., 'content': ...}}, got {_type_name(message)}",
+                    f"expected a message {{'role': ..., 'content': ...}}, got {type_name(message)}",
                 )
             )
             continue
@@ -351,7 +216,7 @@ def _check_text(value: Any, where: str, key: str) -> list[Problem]:
                 )
             elif not isinstance(message[part], str):
                 problems.append(
-                    Problem(where, f"{name}.{part}", f"expected a string, got {_type_name(message[part])}")
+                    Problem(where, f"{name}.{part}", f"expected a string, got {type_name(message[part])}")
                 )
         if isinstance(message.get("role"), str) and message["role"] not in ROLES:
             problems.append(
@@ -377,7 +242,7 @@ def _check_encodable(text: str, where: str, key: str) -> list[Problem]:
 
 def _check_unit_interval(value: Any, where: str, key: str) -> list[Problem]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return [Problem(where, key, f"expected a number in [0, 1], got {_type_name(value)}")]
+        return [Problem(where, key, f"expected a number in [0, 1], got {type_name(value)}")]
     if not 0.0 <= value <= 1.0:  # also rejects NaN and infinities
         return [Problem(where, key, f"expected a number in [0, 1], got {value}")]
     return []
@@ -428,16 +293,3 @@ def _mixed_layout_problem(where: str, kinds: dict[str, bool]) -> Problem:
         f"use one layout for all of "
         f"{', '.join(kinds)} (a response as [{{'role': 'assistant', 'content': ...}}])",
     )
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)

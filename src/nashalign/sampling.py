@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -44,9 +44,11 @@ FinishReason = Literal["stop", "length"]
 class Generation:
     """One sampled response.
 
-    `token_ids` are the response tokens only: no prompt, no padding, and not the EOS token itself;
+    `token_ids` are the response tokens only: no prompt, no padding, and not the stop token itself;
     `text` is their decoding. `finish_reason` is "stop" when the model produced an EOS token right
     after `token_ids` and "length" when `max_new_tokens` tokens were produced without one.
+    `stop_token_id` is the EOS id that ended the response (a model may stop on several: Llama 3
+    lists <|end_of_text|> and <|eot_id|> in its generation config), None for "length".
     """
 
     prompt_index: int
@@ -54,6 +56,21 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
+    stop_token_id: int | None
+
+    @property
+    def response_ids(self) -> list[int]:
+        """What the policy produced, as pairs are scored and trained on: `token_ids`, then the stop
+        token that ended them (none after a response cut by max_new_tokens)."""
+        return self.token_ids + ([] if self.stop_token_id is None else [self.stop_token_id])
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], default_stop_id: int) -> Generation:
+        """A Generation from its dict form (a row of generations.jsonl). Rows written before stop
+        tokens were recorded have no `stop_token_id`: a stopped one gets `default_stop_id`."""
+        fields = {key: row[key] for key in ("prompt_index", "sample_index", "text", "token_ids", "finish_reason")}
+        stop = row.get("stop_token_id", default_stop_id if row["finish_reason"] == "stop" else None)
+        return cls(**fields, stop_token_id=stop)
 
 
 class Sampler(Protocol):
@@ -116,17 +133,24 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The EOS ids generation from `model` (a ModelSpec, a directory or a hub name) stops on: its
+    generation config's `eos_token_id` (one id or a list), then the tokenizer's EOS."""
+    return _eos_token_ids(SimpleNamespace(generation_config=_generation_config(model)), tokenizer)
+
+
 def _finish(
     new_ids: Sequence[int], eos_ids: Sequence[int], max_new_tokens: int, tokenizer
-) -> tuple[str, list[int], FinishReason]:
-    """Cut the generated ids at the first EOS; everything after it (padding) is dropped."""
+) -> tuple[str, list[int], FinishReason, int | None]:
+    """Cut the generated ids at the first EOS; everything after it (padding) is dropped. Returns the
+    text, the kept ids, the finish reason and the EOS id that stopped the response (or None)."""
     ids = list(new_ids)
     for position, token in enumerate(ids):
         if token in eos_ids:
             kept = ids[:position]
-            return tokenizer.decode(kept), kept, "stop"
+            return tokenizer.decode(kept), kept, "stop", token
     kept = ids[:max_new_tokens]
-    return tokenizer.decode(kept), kept, "length"
+    return tokenizer.decode(kept), kept, "length", None
 
 
 def _row_seeded_sampler(generators, temperature: float, top_p: float):
@@ -238,9 +262,9 @@ class TransformersSampler:
                     batch = rows[start : start + self.batch_size]
                     new_ids = self._generate_batch([prompts[p] for p, _ in batch], batch, keys, eos_ids)
                     for (p, j), ids in zip(batch, new_ids):
-                        text, kept, reason = _finish(ids, eos_ids, self.max_new_tokens, self.tokenizer)
+                        text, kept, reason, stop = _finish(ids, eos_ids, self.max_new_tokens, self.tokenizer)
                         for sample in range(n) if greedy else [j]:
-                            results[p].append(Generation(keys[p], sample, text, list(kept), reason))
+                            results[p].append(Generation(keys[p], sample, text, list(kept), reason, stop))
                     bar.update(len(batch) * (n if greedy else 1))
         finally:
             self.tokenizer.padding_side = saved_padding_side
@@ -374,7 +398,16 @@ class VLLMSampler:
             trust_remote_code=spec.trust_remote_code,
             **{**options, **self.llm_kwargs},
         )
-        self.eos_ids = _eos_token_ids(SimpleNamespace(generation_config=_generation_config(spec)), self.tokenizer)
+        self.eos_ids = stop_token_ids(spec, self.tokenizer)
+
+    def _stop_token(self, completion) -> int:
+        """The stop token of a completion that vLLM reports stopped without returning the token:
+        its `stop_reason` names a stop_token_ids hit, None means the tokenizer's EOS."""
+        stop_reason = getattr(completion, "stop_reason", None)
+        if isinstance(stop_reason, int):
+            return stop_reason
+        eos = self.tokenizer.eos_token_id
+        return self.eos_ids[0] if eos is None else eos
 
     def close(self) -> None:
         """Free the engine and its GPU memory."""
@@ -435,12 +468,12 @@ class VLLMSampler:
                 completions = completions * n
             row = []
             for j, completion in enumerate(completions):
-                text, kept, reason = _finish(
+                text, kept, reason, stop = _finish(
                     completion.token_ids, self.eos_ids, self.max_new_tokens, self.tokenizer
                 )
-                if completion.finish_reason == "stop":  # vLLM may or may not return the stop token itself
-                    reason = "stop"
-                row.append(Generation(key, j, text, kept, reason))
+                if completion.finish_reason == "stop" and stop is None:  # the stop token was not returned
+                    reason, stop = "stop", self._stop_token(completion)
+                row.append(Generation(key, j, text, kept, reason, stop))
             results.append(row)
         return results
 

@@ -40,7 +40,7 @@ import torch
 
 from nashalign import NashalignError, checkpoint
 from nashalign.config import LossConfig, TrainConfig, dump_config, to_dict, validated
-from nashalign.data import TokenizedPair, collate_pairs, load_records, tokenize_records
+from nashalign.data import TokenizedPair, TruncationReport, collate_pairs, load_records, tokenize_records
 from nashalign.logprobs import pair_logps
 from nashalign.losses import loss_hyperparameters, loss_inputs, make_loss, preference_metrics, sft
 from nashalign.packing import pack_pairs
@@ -61,6 +61,7 @@ class TrainResult:
     global_step: int
     metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: Path | None = None
+    tokenization: TruncationReport | None = None  # what tokenizing data.train_file did (`train` only)
 
 
 # --------------------------------------------------------------------------- losses and the policy
@@ -198,13 +199,25 @@ def train(config: TrainConfig, *, resume: str = "auto", callback: StepCallback |
     if config.data.train_file is None:
         raise NashalignError("data.train_file: required to train from a config (set it or use --set)")
     tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path, config.model)
+    pairs, report = training_pairs(config, tokenizer)
+    result = train_pairs(config.model.name_or_path, pairs, config, tokenizer=tokenizer, resume=resume, callback=callback)
+    result.tokenization = report
+    return result
+
+
+def training_pairs(config: TrainConfig, tokenizer) -> tuple[list[TokenizedPair], TruncationReport]:
+    """The tokenized pairs of `data.train_file`; responses end with an EOS id the policy stops on
+    (its generation config's, else the tokenizer's)."""
+    from nashalign.sampling import stop_token_ids
+
     records = load_records(config.data.train_file)
-    pairs, _ = tokenize_records(
-        records, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
+    pairs, report = tokenize_records(
+        records, tokenizer, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+        stop_token_ids=stop_token_ids(config.model.spec(), tokenizer),
     )
     if not pairs:
         raise NashalignError(f"{config.data.train_file}: no pair fits data.max_length={config.data.max_length}")
-    return train_pairs(config.model.name_or_path, pairs, config, tokenizer=tokenizer, resume=resume, callback=callback)
+    return pairs, report
 
 
 def train_pairs(

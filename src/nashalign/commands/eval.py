@@ -119,6 +119,7 @@ def _win_rate(args) -> dict:
 
     from nashalign import NashalignError
     from nashalign.evaluate import kl_from_samples, length_controlled_win_rate, length_stats, win_rate
+    from nashalign.json_input import RECURSION
     from nashalign.online import PromptsConfig, judge_text, load_prompts, render_prompt
     from nashalign.oracles import build_oracle
 
@@ -126,6 +127,8 @@ def _win_rate(args) -> dict:
         spec = yaml.safe_load(Path(args.oracle).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
         raise NashalignError(f"{args.oracle}: cannot read the oracle config ({error})") from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise NashalignError(f"{args.oracle}: cannot read the oracle config: {RECURSION}") from None
     oracle = build_oracle(spec.get("oracle", spec) if isinstance(spec, dict) else spec, where=args.oracle)
     prompts = load_prompts(PromptsConfig(file=args.prompts))
     policy, tokenizer = _load(args.policy, args, "--policy")
@@ -133,7 +136,7 @@ def _win_rate(args) -> dict:
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
     samples = _sample(policy, tokenizer, rendered, args)
     policy_texts = [g.text for g in samples]
-    policy_ids = [g.token_ids + ([tokenizer.eos_token_id] if g.finish_reason == "stop" else []) for g in samples]
+    policy_ids = [g.response_ids for g in samples]
     baseline_path = Path(args.baseline)
     if baseline_path.is_file():
         baseline_texts = _baseline_file(baseline_path, len(prompts))
@@ -169,10 +172,12 @@ def _ranking(args) -> dict:
 
     from nashalign.data import load_records, tokenize_records
     from nashalign.evaluate import idealized_ranking_accuracy, ranking_accuracy
+    from nashalign.sampling import stop_token_ids
 
     model, tokenizer = _load(args.model, args, "--model")
     records = load_records(args.data)
-    pairs, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
+    pairs, _ = tokenize_records(records, tokenizer, max_length=args.max_length,
+                                stop_token_ids=stop_token_ids(_spec(args.model, args), tokenizer))
     lengths = (np.array([len(p.chosen_ids) for p in pairs]), np.array([len(p.rejected_ids) for p in pairs]))
     own = _pair_logps(model, tokenizer, pairs, args.batch_size)
     ref = (None, None)

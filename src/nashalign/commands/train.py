@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         shown = ("loss", "rewards/accuracy", "rewards/margin")
         summary = ", ".join(f"{key} {result.metrics[key]:.4g}" for key in shown if key in result.metrics)
         print(f"trained {result.global_step} steps ({summary})")
+        print(f"data: {result.tokenization.summary()}")
         print(f"final model: {result.final_dir}")
         print(f"metrics: {result.metrics_file}")
     state.destroy_process_group()  # the trainer keeps the group alive for callers with several phases
