@@ -97,3 +97,18 @@ def test_demo_runs_inpo_with_refresh_and_optimistic_inpo_beside_inpo(tmp_path):
     report = tmp_path / "demo" / "report"
     assert (report / "unregularized_gap.png").stat().st_size > 1000
     assert "DG₀ inpo-refresh" in format_demo_table(summary)
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--algorithms", "inpo,dpo"], "--algorithms: expected a comma list of distinct names"),
+    (["--algorithms", "inpo,inpo"], "--algorithms: expected a comma list of distinct names"),
+    (["--refresh-every", "0"], "--refresh-every: expected a positive integer"),
+    (["--families", "5"], "--families: expected 1 to 4"),
+    (["--tau", "0.3", "--eta", "0.3"], "expected 0 < tau < eta"),
+])
+def test_demo_options_are_checked_before_any_work(tmp_path, capsys, argv, match):
+    from nashalign import cli
+
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), *argv]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
