@@ -61,7 +61,7 @@ def test_exponent_floats_without_a_dot(tmp_path):
         ("optim:\n  epochs: true\n", "run.yaml:4: optim.epochs: expected an integer >= 1, got true"),
         ("optim:\n  lr: fast\n", "run.yaml:4: optim.lr: expected a float > 0, got 'fast'"),
         ("optim:\n  lr: .nan\n", "run.yaml:4: optim.lr: expected a float > 0, got nan"),
-        ("loss:\n  name: dop\n", "loss.name: expected one of 'dpo', 'ipo', 'inpo', 'sppo', 'srpo', 'sparsepo', got 'dop'"),
+        ("loss:\n  name: dop\n", "loss.name: expected one of 'dpo', 'ipo', 'inpo', 'sppo', 'srpo', 'sparsepo', 'inpo-optimistic', 'inpo-optimistic-aux', 'online-ipo', 'nash-md', got 'dop'"),
         ("loss:\n  label_smoothing: 0.5\n", "loss.label_smoothing: expected a float >= 0 and < 0.5, got 0.5"),
         ("loss:\n  eta: 0.01\n  tau: 0.02\n", "run.yaml:5: loss.tau: expected tau < eta (0.01)"),
         ("model:\n  name_or_path: x\n", "run.yaml:3: model: duplicate key"),

@@ -13,6 +13,7 @@ from nashalign.demo import (
     build_families,
     exact_win_rate,
     family_prompts,
+    format_demo_table,
     run_demo,
 )
 from nashalign.games import find_cycle
@@ -63,3 +64,51 @@ def test_reduced_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     for name in ("duality_gap.png", "win_rate_vs_ref.png", "kl.png", "training_loss.png"):
         assert (report / name).stat().st_size > 1000 and f'src="{name}"' in html
     assert json.loads((tmp_path / "demo" / "demo_summary.json").read_text())["reference_gap"] == summary["reference_gap"]
+
+
+def test_demo_runs_inpo_with_refresh_and_optimistic_inpo_beside_inpo(tmp_path):
+    """Same seed, same start: iteration 0 of inpo, inpo-refresh (π_ref ← π_t every iteration) and
+    inpo-optimistic (plain INPO at t = 0) trains the same π_1; from iteration 1 they differ. Every row
+    carries the unregularized gap DG₀, ≥ 0 and equal to the mean of 2·max_y (Pπ)(y) − 1 at π_0."""
+    from nashalign.demo import answer_distributions
+    from nashalign.games import unregularized_gap
+
+    settings = DemoSettings(output_dir=str(tmp_path / "demo"), iterations=2, families=1, sft_steps=30,
+                            samples_per_prompt=4, hidden_size=32, epochs=1, refresh_every=1,
+                            algorithms=("inpo", "inpo-refresh", "inpo-optimistic"))
+    summary = run_demo(settings)
+    series = summary["series"]
+    prompts = family_prompts(build_families(1))
+    start, _ = answer_distributions(tmp_path / "demo" / "sft", prompts)
+    expected = np.mean([unregularized_gap(f.P, p) for (f, _), p in zip(prompts, start)])
+    for name in settings.algorithms:
+        assert series[name][0]["unregularized_gap"] == pytest.approx(expected)
+        assert all(row["unregularized_gap"] >= 0 for row in series[name])
+    for other in ("inpo-refresh", "inpo-optimistic"):
+        first = {key: value for key, value in series["inpo"][1].items() if not key.startswith("win_rate ")}
+        assert series[other][1] == first  # (the head-to-head columns are on the first algorithm's rows)
+        assert series[other][2]["unregularized_gap"] != series["inpo"][2]["unregularized_gap"]
+    assert summary["head_to_head"]["inpo vs inpo-refresh"][1] == pytest.approx(0.5)
+    run = tmp_path / "demo" / "inpo-refresh"
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["run"]["ref_update_every"] == 1
+    assert (tmp_path / "demo" / "inpo-optimistic" / "iter_1" / "aux" / "final").is_dir()
+    report = tmp_path / "demo" / "report"
+    assert (report / "unregularized_gap.png").stat().st_size > 1000
+    assert "DG₀ inpo-refresh" in format_demo_table(summary)
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--algorithms", "inpo,dpo"], "--algorithms: expected a comma list of distinct names"),
+    (["--algorithms", "inpo,inpo"], "--algorithms: expected a comma list of distinct names"),
+    (["--refresh-every", "0"], "--refresh-every: expected a positive integer"),
+    (["--families", "5"], "--families: expected 1 to 4"),
+    (["--tau", "0.3", "--eta", "0.3"], "expected 0 < tau < eta"),
+])
+def test_demo_options_are_checked_before_any_work(tmp_path, capsys, argv, match):
+    from nashalign import cli
+
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), *argv]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -17,7 +17,14 @@ from nashalign import NashalignError
 from nashalign.config import TrainConfig, config_keys, from_mapping, load_config, to_dict
 from nashalign.data import TokenizedPair, truncate_pairs
 from nashalign.online import OnlineConfig, phase_config
-from nashalign.online_config import config_change, policy_path, stage_seed
+from nashalign.online_config import (
+    aux_policy_path,
+    config_change,
+    has_aux_phase,
+    policy_path,
+    reference_path,
+    stage_seed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": {"name_or_path": "acme/tiny-chat"}, "run": {"name": "r", "dir": "/nonexistent/runs", "seed": 7},
@@ -33,6 +40,7 @@ def _mapping(**sections) -> dict:
 
 @pytest.mark.parametrize("section, key, why", [
     ("model", "prev_name_or_path", "π_t is the previous iterate"),
+    ("model", "aux_name_or_path", "iter_<t-1>/aux/final"),
     ("data", "train_file", "trains on its own pairs"),
     ("data", "cache_dir", "logp_cache"),
     ("loss", "name", "run.algorithm picks the loss"),
@@ -66,6 +74,13 @@ def test_a_key_the_loop_sets_is_refused_with_file_line_and_reason(tmp_path, sect
     ({"sampling": {"backend": "vllm", "batch_size": 4}}, "sampling.batch_size", "transformers backend"),
     ({"sampling": {"backend": "transformers", "tensor_parallel_size": 2}}, "sampling.tensor_parallel_size",
      "vllm backend"),
+    ({"run": {"algorithm": "online-ipo"}, "loss": {"eta": 0.5}}, "loss.eta", "trains with loss 'online-ipo'"),
+    ({"run": {"algorithm": "nash-md"}, "loss": {"sft_weight": 0.1}}, "loss.sft_weight", "loss 'nash-md'"),
+    ({"sampling": {"mixture_coef": 0.3}}, "sampling.mixture_coef", "only by run.algorithm 'nash-md'"),
+    ({"run": {"algorithm": "nash-md"}, "pairs": {"method": "tournament"}}, "pairs.method", "no pair construction"),
+    ({"run": {"algorithm": "nash-md"}, "pairs": {"decide": "threshold"}}, "pairs.decide", "no pair construction"),
+    ({"run": {"algorithm": "iterative-dpo", "ref_update_every": 2}}, "run.ref_update_every", "current iterate"),
+    ({"run": {"algorithm": "inpo-optimistic"}, "loss": {"eta": 0.1, "tau": 0.2}}, "loss.tau", "tau < eta"),
 ])
 def test_a_key_the_chosen_settings_ignore_is_refused(tmp_path, sections, key, why):
     path = tmp_path / "run.yaml"
@@ -83,6 +98,11 @@ def test_keys_the_chosen_settings_read_are_accepted():
                                         loss={"label_smoothing": 0.1, "robust": True, "beta": 0.2},
                                         pairs={"score": "copeland"}))
     from_mapping(OnlineConfig, _mapping(sampling={"backend": "auto", "batch_size": 4, "tensor_parallel_size": 2}))
+    # online-ipo and nash-md have no τ/η mix: τ ≥ η (η's default) is fine there
+    from_mapping(OnlineConfig, _mapping(run={"algorithm": "online-ipo", "ref_update_every": 2}, loss={"tau": 0.1}))
+    from_mapping(OnlineConfig, _mapping(run={"algorithm": "nash-md"}, loss={"tau": 0.1}, sampling={"mixture_coef": 0.2}))
+    from_mapping(OnlineConfig, _mapping(run={"algorithm": "inpo-optimistic", "ref_update_every": 3},
+                                        loss={"eta": 0.5, "tau": 0.1, "sft_weight": 0.1}))
 
 
 def test_shipped_online_config_loads():
@@ -110,11 +130,12 @@ def test_every_training_key_of_the_online_config_reaches_the_phase_config():
                   "dtype": "bfloat16", "mixed_precision": "bf16", "gradient_checkpointing": True,
                   "disable_dropout": False, "lora": {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q"]}},
         "data": {"max_length": 99, "max_prompt_length": 33, "scoring_batch_size": 3, "packing": True},
-        "loss": {"beta": 0.3, "eta": 0.4, "tau": 0.2, "sft_weight": 0.5},
+        "loss": {"beta": 0.3, "eta": 0.4, "tau": 0.2, "sft_weight": 0.5, "z_loss": 0.01},
         "optim": {"lr": 0.01, "weight_decay": 0.1, "betas": [0.8, 0.9], "eps": 1e-6, "schedule": "linear",
                   "warmup_ratio": 0.2, "warmup_steps": 3, "epochs": 4, "max_steps": 9, "per_device_batch_size": 5,
                   "gradient_accumulation_steps": 2, "max_grad_norm": None},
-        "output": {"save_steps": 7, "save_total_limit": 3, "logging_steps": 2, "report_to": "none"},
+        "output": {"save_steps": 7, "save_total_limit": 3, "logging_steps": 2, "report_to": "none",
+                   "attention_logit_steps": 3},
     }
     dpo = {"loss": {"label_smoothing": 0.1, "robust": True}}
     defaults = _leaves(to_dict(from_mapping(OnlineConfig, _mapping())))
@@ -129,9 +150,13 @@ def test_every_training_key_of_the_online_config_reaches_the_phase_config():
     leaves = {key for key in _leaves(to_dict(from_mapping(OnlineConfig, _mapping(model=inpo["model"]))))
               if key.startswith(sections)}
     assert leaves - covered == {"model.name_or_path"}  # π_0, the policy of iteration 0 (test below)
-    set_by_loop = {"model.name_or_path", "model.ref_name_or_path", "model.prev_name_or_path", "data.train_file",
+    set_by_loop = {"model.name_or_path", "model.ref_name_or_path", "model.prev_name_or_path",
+                   "model.aux_name_or_path", "data.train_file",
                    "data.cache_dir", "loss.name", "loss.average_log_probs", "optim.seed", "output.dir"}
-    assert set(config_keys(TrainConfig)) - set(config_keys(OnlineConfig)) == set_by_loop - {
+    offline_only = {f"loss.{key}" for key in ("alpha", "revision_instruction", "revision_template", "lambda_u",
+                                              "lambda_d", "mask", "mask_activations", "shared_mask",
+                                              "mask_weight_decay")}  # srpo / sparsepo
+    assert set(config_keys(TrainConfig)) - set(config_keys(OnlineConfig)) == offline_only | set_by_loop - {
         "model.name_or_path", "model.ref_name_or_path"}
 
 
@@ -162,6 +187,62 @@ def test_phase_config_is_pure_and_derives_each_iteration(monkeypatch):
     dpo = phase_config(from_mapping(OnlineConfig, _mapping(run={"algorithm": "iterative-dpo"})), 2)
     assert dpo.loss.name == "dpo" and dpo.model.prev_name_or_path is None
     assert dpo.model.ref_name_or_path == dpo.model.name_or_path == str(run_dir / "iter_1" / "train" / "final")
+
+
+def _without_io(monkeypatch, derive):
+    def no_io(*args, **kwargs):
+        raise AssertionError("phase_config did I/O")
+
+    monkeypatch.setattr(builtins, "open", no_io)
+    for name in ("stat", "listdir", "scandir", "mkdir", "makedirs"):
+        monkeypatch.setattr(os, name, no_io)
+    try:
+        return derive()
+    finally:
+        monkeypatch.undo()
+
+
+def test_phase_config_refreshes_the_reference_every_m_iterations(monkeypatch):
+    """run.ref_update_every 2: iterations 0, 1 use model.ref_name_or_path; after iteration 1 the
+    reference is π_2 (iterations 2, 3), after iteration 3 π_4; prev is π_t throughout."""
+    config = from_mapping(OnlineConfig, _mapping(run={"ref_update_every": 2}, model={"ref_name_or_path": "acme/ref"},
+                                                 loss={"eta": 0.5, "tau": 0.1}))
+    phases = _without_io(monkeypatch, lambda: [phase_config(config, t) for t in range(5)])
+    final = [str(Path("/nonexistent/runs/r") / f"iter_{t - 1}" / "train" / "final") for t in range(1, 6)]
+    assert [p.model.ref_name_or_path for p in phases] == ["acme/ref", "acme/ref", final[1], final[1], final[3]]
+    assert [p.model.prev_name_or_path for p in phases] == ["acme/tiny-chat", *final[:4]]
+    assert reference_path(config, 4) == phases[4].model.ref_name_or_path
+    fixed = from_mapping(OnlineConfig, _mapping(loss={"eta": 0.5, "tau": 0.1}))
+    assert {phase_config(fixed, t).model.ref_name_or_path for t in range(5)} == {"acme/tiny-chat"}
+
+
+def test_phase_config_of_optimistic_inpo_online_ipo_and_nash_md(monkeypatch):
+    run_dir = Path("/nonexistent/runs/r")
+    final = lambda t: str(run_dir / f"iter_{t - 1}" / "train" / "final")  # noqa: E731  π_t
+    aux = lambda t: str(run_dir / f"iter_{t}" / "aux" / "final")  # noqa: E731  π̂_t, t ≥ 1
+    optimistic = from_mapping(OnlineConfig, _mapping(run={"algorithm": "inpo-optimistic"}, loss={"eta": 0.5, "tau": 0.1}))
+    zero, one, two, aux_one, aux_two = _without_io(monkeypatch, lambda: (
+        phase_config(optimistic, 0), phase_config(optimistic, 1), phase_config(optimistic, 2),
+        phase_config(optimistic, 1, aux=True), phase_config(optimistic, 2, aux=True)))
+    assert (zero.loss.name, zero.model.aux_name_or_path) == ("inpo", None)  # π_1 by plain INPO
+    assert not has_aux_phase(optimistic, 0) and has_aux_phase(optimistic, 1)
+    with pytest.raises(ValueError, match="no auxiliary"):
+        phase_config(optimistic, 0, aux=True)
+    assert (one.loss.name, one.model.name_or_path, one.model.prev_name_or_path, one.model.aux_name_or_path) == (
+        "inpo-optimistic", final(1), final(1), "acme/tiny-chat")  # π̂_0 = π_0
+    assert (two.model.name_or_path, two.model.aux_name_or_path) == (final(2), aux(1))
+    assert (aux_one.loss.name, aux_one.model.name_or_path, aux_one.model.prev_name_or_path) == (
+        "inpo-optimistic-aux", "acme/tiny-chat", final(1))
+    assert (aux_two.model.name_or_path, aux_two.model.aux_name_or_path, aux_two.output.dir) == (
+        aux(1), aux(1), str(run_dir / "iter_2" / "aux"))
+    assert aux_one.model.ref_name_or_path == one.model.ref_name_or_path == "acme/tiny-chat"
+    assert aux_one.optim.seed != one.optim.seed and aux_policy_path(optimistic, 2) == aux(2)
+    for algorithm, loss in (("online-ipo", "online-ipo"), ("nash-md", "nash-md")):
+        config = from_mapping(OnlineConfig, _mapping(run={"algorithm": algorithm}, loss={"tau": 0.2}))
+        phase = phase_config(config, 2)
+        assert (phase.loss.name, phase.loss.tau, phase.model.prev_name_or_path, phase.model.aux_name_or_path) == (
+            loss, 0.2, None, None)
+        assert (phase.model.name_or_path, phase.model.ref_name_or_path) == (final(2), "acme/tiny-chat")
 
 
 def test_a_run_directory_accepts_the_same_config_or_more_iterations():

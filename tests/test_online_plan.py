@@ -49,12 +49,46 @@ def test_plan_counts_by_pair_method(tmp_path, algorithm, method, per_prompt, exa
     assert judge["comparisons"] == (5 * per_prompt if exact else None)
     assert judge["comparisons_max"] == 5 * (per_prompt + (0 if exact else 2 * 7))
     assert judge["judge_calls_max"] == 2 * judge["comparisons_max"]
-    assert first["sample"] == {"policy": str(tmp_path / "no-such-model"), "samples": 40, "new_tokens_max": 400}
+    assert first["sample"] == {"policy": str(tmp_path / "no-such-model"), "samples": 40, "new_tokens_max": 400,
+                               "opponents": 0, "mixture_coef": None}
+    assert first["train_aux"] is None
     # iteration 0's win rate reuses iteration 1's samples; the last one samples π_2 once more
     assert (first["summary"]["samples"], first["summary"]["samples_reused"]) == (0, True)
     assert (last["summary"]["samples"], last["summary"]["comparisons"], last["summary"]["judge_calls_max"]) == (40, 40, 80)
     assert plan["total"]["samples"] == 40 + 40 + 40
     assert plan["total"]["comparisons_max"] == 2 * (judge["comparisons_max"] + 40)
+
+
+def test_plan_of_nash_md_counts_the_opponents_and_one_comparison_per_sample(tmp_path):
+    """N = 5, K = 8: 40 samples of π_t plus 40 opponents from the mixture, 40 comparisons (80 judge
+    calls both orders), 40 training rows; scored under π_ref only."""
+    plan = plan_online(from_mapping(OnlineConfig, _mapping(tmp_path, run={"algorithm": "nash-md"},
+                                                           sampling={"mixture_coef": 0.25}, loss={"tau": 0.1})))
+    first, last = plan["iterations"]
+    assert plan["pair_method"] == "mixture"
+    assert first["sample"] == {"policy": str(tmp_path / "no-such-model"), "samples": 80, "new_tokens_max": 800,
+                               "opponents": 40, "mixture_coef": 0.25}
+    assert {k: first["judge"][k] for k in ("comparisons_per_prompt", "comparisons", "judge_calls_max", "pairs_max")} == {
+        "comparisons_per_prompt": 8, "comparisons": 40, "judge_calls_max": 80, "pairs_max": 40}
+    assert first["score"]["models"] == {"ref": str(tmp_path / "no-such-model")}
+    assert first["train"]["loss"] == "nash-md"
+    assert plan["total"]["samples"] == 80 + 80 + 40  # the last summary samples π_2 once more
+    assert plan["total"]["comparisons_max"] == 2 * (40 + 40)
+    from nashalign.online_plan import format_plan
+
+    assert "40 opponents from the mixture" in format_plan(plan)
+
+
+def test_plan_of_optimistic_inpo_names_the_auxiliary_phase_and_models(tmp_path):
+    plan = plan_online(from_mapping(OnlineConfig, _mapping(tmp_path, run={"algorithm": "inpo-optimistic", "iterations": 3},
+                                                           loss={"eta": 0.5, "tau": 0.1})))
+    zero, one, two = plan["iterations"]
+    runs, start = tmp_path / "runs" / "run", str(tmp_path / "no-such-model")
+    assert (zero["train"]["loss"], zero["train_aux"], set(zero["score"]["models"])) == ("inpo", None, {"ref", "prev"})
+    assert one["score"]["models"] == {"ref": start, "prev": str(runs / "iter_0" / "train" / "final"), "aux": start}
+    assert one["train"]["loss"] == "inpo-optimistic"
+    assert one["train_aux"] == {"loss": "inpo-optimistic-aux", "policy": start, "final": str(runs / "iter_1" / "aux" / "final")}
+    assert two["score"]["models"]["aux"] == two["train_aux"]["policy"] == str(runs / "iter_1" / "aux" / "final")
 
 
 def test_judge_orders_of_each_oracle_kind():

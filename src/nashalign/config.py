@@ -101,7 +101,10 @@ class ModelConfig:
         None, "reference model π_ref; unset: the policy's initial weights (scored before training, no copy)"
     )
     prev_name_or_path: str | None = _field(
-        None, "previous iterate π_t (inpo only); unset: the policy's initial weights (iteration 0)"
+        None, "previous iterate π_t (inpo, inpo-optimistic*); unset: the policy's initial weights (iteration 0)"
+    )
+    aux_name_or_path: str | None = _field(
+        None, "optimistic INPO's auxiliary policy π̂_{t−1} (inpo-optimistic*); unset: the policy's initial weights"
     )
     tokenizer_name_or_path: str | None = _field(None, "tokenizer; unset: the policy's")
     revision: str | None = _field(None, "hub branch, tag or commit of every hub-named model here; unset: main")
@@ -150,15 +153,19 @@ class DataConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    name: Literal["dpo", "ipo", "inpo", "sppo", "srpo", "sparsepo"] = _field("dpo", "pairwise loss")
+    name: Literal["dpo", "ipo", "inpo", "sppo", "srpo", "sparsepo", "inpo-optimistic", "inpo-optimistic-aux",
+                  "online-ipo", "nash-md"] = _field(
+        "dpo", "the loss (nashalign.losses; nash-md reads single responses, see docs/online.md)")
     beta: float = _field(
         0.1, "KL weight of dpo / ipo / sppo / srpo / sparsepo, and the scale of the logged implicit rewards", gt=0
     )
     label_smoothing: float = _field(0.0, "dpo: probability that a label is flipped", ge=0, lt=0.5)
     robust: bool = _field(False, "dpo with label_smoothing: robust DPO (unbiased) instead of conservative DPO")
     average_log_probs: bool = _field(True, "ipo: log-ratios averaged over response tokens (as TRL) instead of summed")
-    eta: float = _field(0.005, "inpo: KL weight towards π_t (1/eta is the step size)", gt=0)
-    tau: float | None = _field(None, "inpo: KL weight towards π_ref; unset: eta / 3", ge=0)
+    eta: float = _field(0.005, "inpo, inpo-optimistic*: KL weight towards π_t (1/eta is the step size)", gt=0)
+    tau: float | None = _field(
+        None, "inpo*, online-ipo, nash-md: KL weight towards π_ref; unset: eta / 3", ge=0
+    )
     sft_weight: float = _field(0.0, "weight of the added SFT term (mean NLL per chosen token)", ge=0)
     alpha: float = _field(0.8, "srpo: weight of the self-improvement term (1 - alpha: the generative term)", ge=0, le=1)
     revision_instruction: str = _field(
@@ -185,13 +192,16 @@ class LossConfig:
     )
 
     def check(self) -> None:
-        if self.tau is not None and self.tau >= self.eta:
+        # online-ipo and nash-md read τ alone; the online loop's section has no name and checks this itself
+        if getattr(self, "name", None) not in (None, "online-ipo", "nash-md") and self.tau is not None \
+                and self.tau >= self.eta:
             raise ConfigFieldError("tau", f"expected tau < eta ({self.eta}) so that tau/eta < 1, got {self.tau}")
-        if self.z_loss and self.name in ("srpo", "sparsepo"):
-            raise ConfigFieldError("z_loss", f"not supported with loss.name {self.name!r} (its own batch layout); set it to 0")
-        if not self.mask_activations:
+        name = getattr(self, "name", None)  # the online loss section has no name (the algorithm picks it)
+        if self.z_loss and name in ("srpo", "sparsepo"):
+            raise ConfigFieldError("z_loss", f"not supported with loss.name {name!r} (its own batch layout); set it to 0")
+        if not getattr(self, "mask_activations", True):  # absent in the online section: sparsepo is offline only
             raise ConfigFieldError("mask_activations", "expected at least one of mlp, attention, residual")
-        if self.revision_template is not None:
+        if getattr(self, "revision_template", None) is not None:
             from nashalign.srpo import template_problem
 
             problem = template_problem(self.revision_template)

@@ -9,10 +9,13 @@ KL-regularized game.
 1. A tiny Llama-style model is supervised-trained in-process to answer each prompt with one of its
    family's answers, with a skewed distribution (mostly the answers the majority dislikes). This is
    π_ref = π_0.
-2. INPO and iterative DPO each run the online loop (nashalign.online) from π_0 against the same oracle.
-3. After every iteration, the exact duality gap of each language model's policy is computed by scoring
-   every allowed answer (renormalized over the allowed set), with head-to-head win rates; a report
-   (Markdown + HTML + PNG plots) is written.
+2. The chosen algorithms (`DemoSettings.algorithms`, `--algorithms`: any online algorithm, and
+   `inpo-refresh`, INPO whose reference becomes the current policy every `refresh_every` iterations)
+   each run the online loop (nashalign.online) from π_0 against the same oracle.
+3. After every iteration, the exact duality gap of each language model's policy (KL-regularized,
+   against π_0 and τ) and its unregularized gap DG₀ = 2·max_y P(y ≻ π) − 1 (0 only at the Nash
+   policy of the preference itself) are computed by scoring every allowed answer (renormalized over
+   the allowed set), with head-to-head win rates; a report (Markdown + HTML + PNG plots) is written.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class DemoSettings:
     output_dir: str = "runs/demo"
     iterations: int = 6
     algorithms: tuple[str, ...] = ("inpo", "iterative-dpo")
+    refresh_every: int = 2
     seed: int = 0
     tau: float = 0.1
     eta: float = 0.3
@@ -190,12 +194,15 @@ def answer_distributions(model_dir: Path, prompts) -> tuple[list[np.ndarray], li
 
 
 def evaluate_policy(policies, masses, ref_policies, prompts, tau: float) -> dict[str, float]:
-    """Mean over prompts of the exact duality gap, KL to π_ref (over the allowed answers), mass."""
-    from nashalign.games import duality_gap, kl_divergence
+    """Mean over prompts of the exact duality gap (regularized: against π_ref and τ), the unregularized
+    gap DG₀, KL to π_ref (over the allowed answers), and the mass on the allowed answers."""
+    from nashalign.games import duality_gap, kl_divergence, unregularized_gap
 
     gaps = [float(duality_gap(f.P, ref, pol, tau)) for (f, _), pol, ref in zip(prompts, policies, ref_policies)]
+    unregularized = [float(unregularized_gap(f.P, pol)) for (f, _), pol in zip(prompts, policies)]
     kls = [float(kl_divergence(pol, ref)) for pol, ref in zip(policies, ref_policies)]
-    return {"duality_gap": float(np.mean(gaps)), "kl": float(np.mean(kls)), "allowed_mass": float(np.mean(masses))}
+    return {"duality_gap": float(np.mean(gaps)), "unregularized_gap": float(np.mean(unregularized)),
+            "kl": float(np.mean(kls)), "allowed_mass": float(np.mean(masses))}
 
 
 def exact_win_rate(first, second, prompts, first_mass=None, second_mass=None) -> float:
@@ -213,24 +220,45 @@ def exact_win_rate(first, second, prompts, first_mass=None, second_mass=None) ->
 # --------------------------------------------------------------------------- the demo
 
 
+DEMO_VARIANTS = {"inpo-refresh": "inpo"}
+"""Demo names beyond the online algorithms: inpo-refresh is INPO with run.ref_update_every = refresh_every."""
+
+
+def demo_algorithms() -> tuple[str, ...]:
+    """The names `--algorithms` accepts: every online algorithm and the demo's variants."""
+    from nashalign.online_config import ALGORITHMS
+
+    return (*ALGORITHMS, *DEMO_VARIANTS)
+
+
 def online_config(settings: DemoSettings, algorithm: str, start: Path, prompts_file: Path, run_dir: Path):
     from nashalign.config import from_mapping
     from nashalign.online import OnlineConfig
 
+    base = DEMO_VARIANTS.get(algorithm, algorithm)
     # INPO's loss is minimized by the OMD step when pairs are drawn from π_t × π_t and labelled by P:
-    # all pairs of the K samples, labels drawn from P, is exactly that draw.
-    inpo = algorithm == "inpo"
+    # all pairs of the K samples, labels drawn from P, is exactly that draw (also for its variants).
+    inpo = base in ("inpo", "inpo-optimistic")
+    run = {"name": algorithm, "dir": str(run_dir), "algorithm": base, "iterations": settings.iterations,
+           "seed": settings.seed}
+    if algorithm == "inpo-refresh":
+        run["ref_update_every"] = settings.refresh_every
+    if inpo:
+        loss = {"eta": settings.eta, "tau": settings.tau, "beta": settings.dpo_beta}
+    elif base in ("online-ipo", "nash-md"):
+        loss = {"tau": settings.tau, "beta": settings.dpo_beta}
+    else:
+        loss = {"beta": settings.dpo_beta}
+    pairs = {} if base == "nash-md" else {"method": "all_pairs" if inpo or base == "online-ipo" else "best_vs_worst"}
     return from_mapping(OnlineConfig, {
         "model": {"name_or_path": str(start)},
-        "run": {"name": algorithm, "dir": str(run_dir), "algorithm": algorithm, "iterations": settings.iterations,
-                "seed": settings.seed},
+        "run": run,
         "prompts": {"file": str(prompts_file)},
         "sampling": {"backend": "transformers", "samples_per_prompt": settings.samples_per_prompt,
                      "max_new_tokens": 8, "temperature": 1.0, "batch_size": 64},
-        "pairs": {"method": "all_pairs" if inpo else "best_vs_worst"},
+        "pairs": pairs,
         "data": {"max_length": 64, "max_prompt_length": 48, "scoring_batch_size": 64},
-        "loss": {"eta": settings.eta, "tau": settings.tau, "beta": settings.dpo_beta} if inpo
-        else {"beta": settings.dpo_beta},
+        "loss": loss,
         "optim": {"lr": settings.lr, "epochs": settings.epochs, "per_device_batch_size": settings.batch_size,
                   "schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 10.0},
         "output": {"save_steps": 0, "report_to": "none"},
@@ -299,10 +327,12 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         f"{len(prompts)} prompts in {len(families)} families, 5 allowed answers each; oracle: majority vote of "
         "3 Bradley–Terry annotators (a Condorcet cycle in every family)",
         f"τ = {settings.tau}, η = {settings.eta} (INPO), β = {settings.dpo_beta} (iterative DPO); "
-        f"K = {settings.samples_per_prompt} samples per prompt; {settings.iterations} iterations",
-        f"reference policy's exact duality gap: {ref_gap:.4f}",
-    ] + [f"{a}: final gap {series[a][-1]['duality_gap']:.4f} ({series[a][-1]['duality_gap'] / ref_gap:.2f} × the reference's)"
-         for a in names]
+        f"K = {settings.samples_per_prompt} samples per prompt; {settings.iterations} iterations"
+        + (f"; inpo-refresh: π_ref ← π_t every {settings.refresh_every} iterations" if "inpo-refresh" in names
+           else ""),
+        f"reference policy's exact duality gap: {ref_gap:.4f}, unregularized DG₀: {ref_metrics['unregularized_gap']:.4f}",
+    ] + [f"{a}: final gap {series[a][-1]['duality_gap']:.4f} ({series[a][-1]['duality_gap'] / ref_gap:.2f} × the "
+         f"reference's), DG₀ {series[a][-1]['unregularized_gap']:.4f}" for a in names]
     paths = write_report(out / "report", title="nashalign demo: INPO on an intransitive preference",
                          series=series, loss_curves=loss_curves, samples=samples, notes=notes)
     summary = {"series": series, "head_to_head": head_to_head, "reference_gap": ref_gap,
@@ -312,13 +342,16 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
 
 
 def format_demo_table(summary: dict[str, Any]) -> str:
-    """Per iteration: each algorithm's exact duality gap and win rate against π_ref, and head-to-head."""
+    """Per iteration: each algorithm's exact duality gap, its unregularized gap DG₀ and its win rate
+    against π_ref, and head-to-head."""
     series, names = summary["series"], list(summary["series"])
     h2h = summary["head_to_head"]
-    header = ["iter"] + [f"gap {a}" for a in names] + [f"win vs ref {a}" for a in names] + list(h2h)
+    header = (["iter"] + [f"gap {a}" for a in names] + [f"DG₀ {a}" for a in names]
+              + [f"win vs ref {a}" for a in names] + list(h2h))
     lines = ["  ".join(f"{h:>14}" for h in header)]
     for t in range(len(series[names[0]])):
         cells = [str(t)] + [f"{series[a][t]['duality_gap']:.4f}" for a in names]
+        cells += [f"{series[a][t]['unregularized_gap']:.4f}" for a in names]
         cells += [f"{series[a][t]['win_rate_vs_ref']:.3f}" for a in names]
         cells += [f"{values[t]:.3f}" for values in h2h.values()]
         lines.append("  ".join(f"{c:>14}" for c in cells))

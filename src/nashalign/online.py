@@ -5,9 +5,13 @@
                                  prompts (for the summary's win rate; otherwise iter_<t+1>'s are used)
     iter_<t>/judgments.jsonl     every oracle comparison made while building pairs
     iter_<t>/pair_stats.json     pairs kept / dropped, comparisons, judge calls
+    iter_<t>/opponents.jsonl     nash-md: one opponent per sample, from the mixture of π_t and π_ref
     iter_<t>/pairs.jsonl         (y_w, y_l) pairs; written last, so it marks the judging stage complete
-    iter_<t>/logps.safetensors   summed log-probs of every pair under the reference (and π_t for inpo)
+                                 (nash-md: (sample, opponent) rows with mixture_win_rate = P(y ≻ y′))
+    iter_<t>/logps.safetensors   summed log-probs of every pair under the reference (+ π_t for inpo and
+                                 inpo-optimistic, + π̂_{t−1} for inpo-optimistic at t ≥ 1)
     iter_<t>/train/              the training phase (its own checkpoints/, metrics.jsonl, final/)
+    iter_<t>/aux/                inpo-optimistic, t ≥ 1: the auxiliary policy's training phase, π̂_t
     iter_<t>/summary.json        the iteration's summary row, written at the end of the iteration
                                  (after π_{t+1} has sampled for the win rate, unless summary.win_rate
                                  is false)
@@ -35,8 +39,18 @@ answers a fresh third of its prompts in each).
 
 Algorithms (run.algorithm) differ in the loss, the reference and the default pair construction:
     inpo            loss inpo; π_ref fixed, π_t the previous iterate; tournament pairs (the paper)
+    inpo-optimistic optimistic INPO (ONPO's Algorithm 1): π_1 by inpo, then π_{t+1} from π_t with loss
+                    inpo-optimistic and π̂_t from π̂_{t−1} with inpo-optimistic-aux, on the same pairs
+                    scored under π_ref, π_t and π̂_{t−1} (π̂_0 = π_0); tournament pairs
+    online-ipo      loss online-ipo (Calandriello et al. 2024); pairs from π_t, π_ref fixed; tournament
+    nash-md         loss nash-md (Munos et al. 2023): every sample y of π_t is judged against one
+                    opponent y′ sampled token by token from π_t^(1−β)·π_ref^β (β = sampling.mixture_coef)
     iterative-dpo   loss dpo with reference = π_t (Dong et al. 2024); best-versus-worst pairs
     sppo            loss sppo with reference = π_t and estimated win rates (Wu et al. 2024); all pairs
+
+`run.ref_update_every: M` refreshes the fixed reference: after iteration t with (t + 1) % M == 0,
+π_ref ← π_{t+1} (`online_config.reference_path`); the log-prob cache is keyed by the model's
+fingerprint, so the new reference's scores are new entries.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ from nashalign.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from nashalign.config import TrainConfig, dump_config, to_dict, validated
 from nashalign.data import TokenizedPair, TruncationReport, truncate_pairs
 from nashalign.models import load_tokenizer, release
+from nashalign.nash_md import judge_opponents_stage
 from nashalign.online_config import (
     ALGORITHMS,
     OnlineConfig,
@@ -63,9 +78,11 @@ from nashalign.online_config import (
     SamplingSettings,
     SummarySettings,
     config_change,
+    has_aux_phase,
     pair_method,
     phase_config,
     policy_path,
+    reference_path,
     run_directory,
     stage_seed,
 )
@@ -103,8 +120,9 @@ class OnlineResult:
 
 
 def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], config: OnlineConfig, seed: int,
-              state, progress: bool) -> list[list[dict]]:
-    """Stage 1: K samples per prompt from the policy → `path` (one row per sample), in prompt order.
+              state, progress: bool, ref_path: str | None = None) -> list[list[dict]]:
+    """Stage 1: K samples per prompt from the policy → `path` (one row per sample), in prompt order;
+    with `ref_path`, from the geometric mixture of the policy and that reference (nash-md's opponents).
 
     Process r of N samples prompts r, r + N, ... into `<stem>.shard-r-of-N.jsonl` (kept if an
     interrupted run finished it: a sample depends only on the seed and its prompt index), then the
@@ -117,7 +135,7 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
         if not shard.exists():
             mine = list(range(rank, len(rendered), processes))
             rows = _sample(policy_path, tokenizer, [rendered[p] for p in mine], mine, config, seed, state,
-                           progress) if mine else []
+                           progress, ref_path) if mine else []
             write_jsonl(shard, rows)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -133,11 +151,15 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
 
 
 def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int], config: OnlineConfig, seed: int,
-            state, progress: bool) -> list[dict]:
+            state, progress: bool, ref_path: str | None = None) -> list[dict]:
     """K samples of each prompt (keyed by its index in the file, which seeds its samples) as rows."""
     from nashalign.sampling import TransformersSampler, make_sampler
 
     s = config.sampling
+    if ref_path is not None:
+        from nashalign.nash_md import sample_opponents
+
+        return sample_opponents(policy_path, ref_path, tokenizer, prompts, indices, config, seed, state, progress)
     # vLLM runs in one process only for now (run_online refuses backend "vllm" with several)
     backend = "transformers" if s.backend == "auto" and state.num_processes > 1 else s.backend
     sampler = make_sampler(
@@ -197,10 +219,12 @@ def _judge(it: Path, oracle, judge_prompts: list[str], groups, config: OnlineCon
     return read_jsonl(pairs_path), read_json(it / "pair_stats.json")
 
 
-def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_id: int) -> list[TokenizedPair]:
+def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_id: int,
+                    rejected_groups=None) -> list[TokenizedPair]:
     """Pairs as token ids exactly as sampled (no re-tokenization): a response that stopped ends with
     the EOS id that stopped it (`eos_id` only for generations recorded without one), a response cut
-    by max_new_tokens ends where it was cut."""
+    by max_new_tokens ends where it was cut. `rejected_groups` (nash-md's opponents): the rejected
+    responses' samples, if not `groups`."""
 
     def response(sample: dict) -> list[int]:
         return Generation.from_row(sample, eos_id).response_ids
@@ -208,17 +232,18 @@ def tokenized_pairs(pairs: list[dict], groups, prompt_ids: list[list[int]], eos_
     out = []
     for pair in pairs:
         p = pair["prompt_index"]
-        chosen, rejected = groups[p][pair["chosen_index"]], groups[p][pair["rejected_index"]]
+        chosen, rejected = groups[p][pair["chosen_index"]], (rejected_groups or groups)[p][pair["rejected_index"]]
         extra = {
-            key: pair[key] for key in ("chosen_win_rate", "rejected_win_rate") if pair.get(key) is not None
+            key: pair[key] for key in ("chosen_win_rate", "rejected_win_rate", "mixture_win_rate")
+            if pair.get(key) is not None
         }
         out.append(TokenizedPair(list(prompt_ids[p]), response(chosen), response(rejected), f"prompt[{p}]", extra))
     return out
 
 
 def _score(it: Path, pairs: list[TokenizedPair], phase: TrainConfig, tokenizer, state):
-    """Stage 3: summed log-probs of every pair under the phase's reference (and π_t for inpo) →
-    logps.safetensors, keys ref_chosen, ref_rejected (+ prev_chosen, prev_rejected).
+    """Stage 3: summed log-probs of every pair under the phase's reference (+ π_t for inpo*, + π̂_{t−1}
+    for inpo-optimistic) → logps.safetensors, keys ref_chosen, ref_rejected (+ prev_*, aux_*).
 
     Through nashalign.train.reference_logps and the run's log-prob cache: with several processes
     each scores every N-th pair and the main process writes the cache (accelerate's PartialState
@@ -241,17 +266,18 @@ def _score(it: Path, pairs: list[TokenizedPair], phase: TrainConfig, tokenizer, 
     return load_file(path)
 
 
-def _train(it: Path, pairs, logps, phase: TrainConfig, tokenizer, state) -> Path:
-    """Stage 4: one training phase from π_t on the pairs → π_{t+1} at iter_<t>/train/final."""
+def _train(pairs, logps, phase: TrainConfig, tokenizer, state) -> Path:
+    """Stage 4: one training phase on the pairs into phase.output.dir: π_{t+1} from π_t at
+    iter_<t>/train/final (or, the auxiliary phase of inpo-optimistic, π̂_t from π̂_{t−1} at iter_<t>/aux/final)."""
     from nashalign.train import train_pairs
 
-    final = it / "train" / "final"
+    final = Path(phase.output.dir) / "final"
     if from_main(state, final.exists):
         return final
-    ref = {"chosen": logps["ref_chosen"], "rejected": logps["ref_rejected"]}
-    prev = {"chosen": logps["prev_chosen"], "rejected": logps["prev_rejected"]} if "prev_chosen" in logps else None
-    result = train_pairs(phase.model.name_or_path, pairs, phase, it / "train", tokenizer=tokenizer, ref_logps=ref,
-                         prev_logps=prev)
+    scored = {role: {"chosen": logps[f"{role}_chosen"], "rejected": logps[f"{role}_rejected"]}
+              if f"{role}_chosen" in logps else None for role in ("ref", "prev", "aux")}
+    result = train_pairs(phase.model.name_or_path, pairs, phase, phase.output.dir, tokenizer=tokenizer,
+                         ref_logps=scored["ref"], prev_logps=scored["prev"], aux_logps=scored["aux"])
     return result.final_dir
 
 
@@ -370,19 +396,30 @@ def run_online(
         current = prompts_of(t)
         groups = _generate(it / "generations.jsonl", phase.model.name_or_path, tokenizer, current.rendered, config,
                            stage_seed(config.run.seed, t, 0), state, progress)
-        pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
+        opponents = None
+        if config.run.algorithm == "nash-md":
+            opponents = _generate(it / "opponents.jsonl", phase.model.name_or_path, tokenizer, current.rendered,
+                                  config, stage_seed(config.run.seed, t, 4), state, progress,
+                                  ref_path=reference_path(config, t))
+            pairs, stats = judge_opponents_stage(it, oracle, current.judge, groups, opponents, state)
+        else:
+            pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
         release(oracle)  # judging is over: the judge's model leaves memory before scoring and training
         if not pairs:
             raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
         tokenized, truncation = truncate_pairs(
-            tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id), max_length=config.data.max_length,
+            tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id, opponents),
+            max_length=config.data.max_length,
             max_prompt_length=config.data.max_prompt_length, bos_id=tokenizer.bos_token_id,
         )
         if truncation.truncated_prompts or truncation.truncated_responses or truncation.dropped:
             logger.warning("iteration %d: data.max_length / data.max_prompt_length: %s", t, truncation.summary())
         logps = _score(it, tokenized, phase, tokenizer, state)
-        final = _train(it, tokenized, logps, phase, tokenizer, state)
-        release()  # the trained policy is on disk; its memory returns before the next sampling
+        final = _train(tokenized, logps, phase, tokenizer, state)
+        release()
+        if has_aux_phase(config, t):  # π̂_t from π̂_{t−1} on the same pairs and log-probs
+            _train(tokenized, logps, phase_config(config, t, aux=True), tokenizer, state)
+            release()  # the trained policy is on disk; its memory returns before the next sampling
 
         if from_main(state, (it / "summary.json").exists):
             row = read_json(it / "summary.json")

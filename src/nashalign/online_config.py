@@ -9,6 +9,7 @@ the keys the loop sets itself; writing one of those is an error that says who se
     data.cache_dir            the loop's log-prob cache is <run.dir>/<run.name>/logp_cache
     loss.name                 run.algorithm picks the loss
     loss.average_log_probs    read only by the ipo loss, which no online algorithm trains with
+    loss.alpha, loss.lambda_u, ...  read only by srpo / sparsepo, which no online algorithm trains with
     optim.seed                each phase's seed is drawn from (run.seed, t)
     output.dir                iteration t trains into <run.dir>/<run.name>/iter_<t>/train
 
@@ -49,26 +50,38 @@ from nashalign.prompts import PromptsConfig
 
 __all__ = [
     "ALGORITHMS", "OnlineConfig", "PairSettings", "RunSettings", "SamplingSettings", "SummarySettings",
-    "config_change", "pair_method", "phase_config", "policy_path", "run_directory", "stage_seed",
+    "aux_policy_path", "config_change", "has_aux_phase", "pair_method", "phase_config", "policy_path",
+    "reference_path", "run_directory", "stage_seed",
 ]
 
 ALGORITHMS = {
     # algorithm: (loss name, reference is the current iterate, default pair construction)
     "inpo": ("inpo", False, "tournament"),
+    "inpo-optimistic": ("inpo-optimistic", False, "tournament"),
+    "online-ipo": ("online-ipo", False, "tournament"),
+    "nash-md": ("nash-md", False, "mixture"),
     "iterative-dpo": ("dpo", True, "best_vs_worst"),
     "sppo": ("sppo", True, "all_pairs"),
 }
+"""nash-md's "mixture": each sample of π_t is judged against one opponent sampled from the geometric
+mixture of π_t and π_ref (no pair construction)."""
 
 
 @dataclasses.dataclass
 class RunSettings:
     name: str = _field("online", "run name: artifacts go to <dir>/<name>/")
     dir: str = _field("runs", "parent directory of runs")
-    algorithm: Literal["inpo", "iterative-dpo", "sppo"] = _field("inpo", "which online algorithm")
+    algorithm: Literal["inpo", "inpo-optimistic", "online-ipo", "nash-md", "iterative-dpo", "sppo"] = _field(
+        "inpo", "which online algorithm"
+    )
     iterations: int = _field(
         3, "T: online iterations (the paper uses 3); raising it on a finished run extends the run", ge=1
     )
     seed: int = _field(0, "seed of sampling, pair decisions and training", ge=0)
+    ref_update_every: int | None = _field(
+        None, "M: after iteration t with (t + 1) % M == 0 the reference becomes the current policy "
+        "(π_ref ← π_{t+1}; reference refresh, COMAL); unset: π_ref stays fixed", ge=1
+    )
 
 
 @dataclasses.dataclass
@@ -80,6 +93,9 @@ class SamplingSettings:
     top_p: float = _field(1.0, "nucleus sampling mass", gt=0, le=1)
     batch_size: int = _field(16, "rows per generate call (transformers backend)", ge=1)
     tensor_parallel_size: int = _field(1, "GPUs per vLLM engine", ge=1)
+    mixture_coef: float = _field(
+        0.5, "nash-md: β, the opponent is sampled token by token from π_t^(1−β)·π_ref^β (normalized)", ge=0, le=1
+    )
 
 
 @dataclasses.dataclass
@@ -105,7 +121,8 @@ class SummarySettings:
 _ONLINE = "the online loop sets it"
 OnlineModelConfig = config_subset(
     ModelConfig, "OnlineModelConfig",
-    {"prev_name_or_path": f"{_ONLINE} (π_t is the previous iterate, iter_<t-1>/train/final)"},
+    {"prev_name_or_path": f"{_ONLINE} (π_t is the previous iterate, iter_<t-1>/train/final)",
+     "aux_name_or_path": f"{_ONLINE} (inpo-optimistic: π̂_{{t−1}} is iter_<t-1>/aux/final, π̂_0 = π_0)"},
     "The policy π_0, the reference and how every phase loads and trains the policy.", __name__,
 )
 OnlineDataConfig = config_subset(
@@ -116,8 +133,11 @@ OnlineDataConfig = config_subset(
 )
 OnlineLossConfig = config_subset(
     LossConfig, "OnlineLossConfig",
-    {"name": f"{_ONLINE} (run.algorithm picks the loss: inpo → inpo, iterative-dpo → dpo, sppo → sppo)",
-     "average_log_probs": "read only by the ipo loss, which no online algorithm trains with"},
+    {"name": f"{_ONLINE} (run.algorithm picks the loss: iterative-dpo → dpo, any other → its own name)",
+     "average_log_probs": "read only by the ipo loss, which no online algorithm trains with",
+     **{key: "read only by the srpo / sparsepo losses, which no online algorithm trains with"
+        for key in ("alpha", "revision_instruction", "revision_template", "lambda_u", "lambda_d", "mask",
+                    "mask_activations", "shared_mask", "mask_weight_decay")}},
     "Hyperparameters of the algorithm's loss.", __name__,
 )
 OnlineOptimConfig = config_subset(
@@ -170,15 +190,29 @@ def _ignored_key(config: OnlineConfig) -> tuple[str, str] | None:
 
     algorithm = config.run.algorithm
     loss_name, ref_is_current, _ = ALGORITHMS[algorithm]
-    read = {"beta", "sft_weight", *loss_hyperparameters(loss_name)}  # beta also scales the logged rewards
+    read = {"beta", *loss_hyperparameters(loss_name)}  # beta also scales the logged rewards
+    if algorithm == "inpo-optimistic":  # the auxiliary policy's loss reads the same keys
+        read |= set(loss_hyperparameters("inpo-optimistic-aux"))
     specific = {key for name in LOSSES for key in loss_hyperparameters(name)}
     for spec in dataclasses.fields(config.loss):
         if spec.name in specific - read and _changed(config.loss, spec.name):
             return f"loss.{spec.name}", (f"run.algorithm {algorithm!r} trains with loss {loss_name!r}, which does "
                                          f"not read {spec.name}; remove it")
-    if ref_is_current and config.model.ref_name_or_path is not None:
-        return "model.ref_name_or_path", (f"run.algorithm {algorithm!r} uses the current iterate π_t as the "
-                                          "reference; remove it")
+    loss = config.loss
+    if loss_name.startswith("inpo") and loss.tau is not None and loss.tau >= loss.eta:
+        return "loss.tau", f"expected tau < eta ({loss.eta}) so that tau/eta < 1, got {loss.tau}"
+    if ref_is_current:
+        for key, value in (("model.ref_name_or_path", config.model.ref_name_or_path),
+                           ("run.ref_update_every", config.run.ref_update_every)):
+            if value is not None:
+                return key, f"run.algorithm {algorithm!r} uses the current iterate π_t as the reference; remove it"
+    if algorithm != "nash-md" and _changed(config.sampling, "mixture_coef"):
+        return "sampling.mixture_coef", f"read only by run.algorithm 'nash-md', not {algorithm!r}; remove it"
+    if algorithm == "nash-md":
+        for key in ("method", "decide"):
+            if _changed(config.pairs, key):
+                return f"pairs.{key}", ("nash-md judges each sample against one opponent from the mixture and "
+                                        "trains on P(y ≻ y′) itself: no pair construction; remove it")
     method = pair_method(config)
     if method == "best_vs_worst" and _changed(config.pairs, "decide"):
         return "pairs.decide", "best_vs_worst ranks the samples and draws no decision; remove it"
@@ -199,7 +233,8 @@ def pair_method(config: OnlineConfig) -> str:
 
 def stage_seed(seed: int, t: int, stage: int) -> int:
     """The seed of one stage of iteration t (0 sampling, 1 pair decisions, 2 training, 3 the summary's
-    extra samples), a 32-bit integer drawn from (run.seed, t, stage)."""
+    extra samples, 4 nash-md's opponents, 5 the auxiliary phase's training), a 32-bit integer drawn
+    from (run.seed, t, stage)."""
     return int(np.random.SeedSequence([seed, t, stage]).generate_state(1, dtype=np.uint32)[0])
 
 
@@ -214,24 +249,60 @@ def policy_path(config: OnlineConfig, t: int) -> str:
     return str(run_directory(config) / f"iter_{t - 1}" / "train" / "final")
 
 
-def phase_config(config: OnlineConfig, t: int) -> TrainConfig:
+def aux_policy_path(config: OnlineConfig, t: int) -> str:
+    """Optimistic INPO's auxiliary policy π̂_t: π_0 for t = 0, else the weights iteration t trained
+    into iter_<t>/aux (iteration 0 trains no auxiliary model)."""
+    if t == 0:
+        return config.model.name_or_path
+    return str(run_directory(config) / f"iter_{t}" / "aux" / "final")
+
+
+def reference_path(config: OnlineConfig, t: int) -> str:
+    """π_ref of iteration t: π_t itself (iterative-dpo, sppo); else, with run.ref_update_every = M,
+    π_{M·⌊t/M⌋} once t ≥ M (refreshed after every M-th iteration); else `model.ref_name_or_path` or π_0."""
+    _, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
+    every = config.run.ref_update_every
+    if ref_is_current:
+        return policy_path(config, t)
+    if every is not None and t >= every:
+        return policy_path(config, every * (t // every))
+    return config.model.ref_name_or_path or config.model.name_or_path
+
+
+def has_aux_phase(config: OnlineConfig, t: int) -> bool:
+    """Whether iteration t also trains optimistic INPO's auxiliary policy π̂_t (inpo-optimistic, t ≥ 1)."""
+    return config.run.algorithm == "inpo-optimistic" and t >= 1
+
+
+def phase_config(config: OnlineConfig, t: int, aux: bool = False) -> TrainConfig:
     """The training config of iteration t (pure: no I/O, equal configs give equal results).
 
-    The policy is π_t; the reference is `model.ref_name_or_path` or π_0 (inpo), or π_t itself
-    (iterative-dpo, sppo); prev is π_t (inpo); the loss is the algorithm's; the seed is drawn from
-    (run.seed, t); the phase writes to iter_<t>/train and the log-prob cache is the run's. Scoring
-    and training both read it.
+    The policy is π_t; the reference is `reference_path` (π_ref, refreshed every run.ref_update_every
+    iterations, or π_t itself for iterative-dpo and sppo); prev is π_t (inpo, inpo-optimistic); the loss
+    is the algorithm's, except that inpo-optimistic trains π_1 with plain inpo; inpo-optimistic at
+    t ≥ 1 also scores the pairs under the auxiliary policy π̂_{t−1} (aux). The seed is drawn from
+    (run.seed, t); the phase writes to iter_<t>/train and the log-prob cache is the run's. Scoring and
+    training both read it.
+
+    `aux=True` (inpo-optimistic, t ≥ 1): the auxiliary phase, which trains π̂_t from π̂_{t−1} with
+    loss inpo-optimistic-aux on the same pairs and reference log-probs, into iter_<t>/aux.
     """
-    loss_name, ref_is_current, _ = ALGORITHMS[config.run.algorithm]
+    loss_name, _, _ = ALGORITHMS[config.run.algorithm]
+    if aux and not has_aux_phase(config, t):
+        raise ValueError(f"iteration {t} of {config.run.algorithm!r} trains no auxiliary policy")
     run_dir, policy = run_directory(config), policy_path(config, t)
-    reference = policy if ref_is_current else config.model.ref_name_or_path or config.model.name_or_path
+    optimistic = has_aux_phase(config, t)
+    if loss_name == "inpo-optimistic" and not optimistic:
+        loss_name = "inpo"  # π_1 from π_0 by plain INPO, π̂_0 = π_0
     return from_mapping(TrainConfig, {
-        "model": {**to_dict(config.model), "name_or_path": policy, "ref_name_or_path": reference,
-                  "prev_name_or_path": policy if loss_name == "inpo" else None},
+        "model": {**to_dict(config.model), "name_or_path": aux_policy_path(config, t - 1) if aux else policy,
+                  "ref_name_or_path": reference_path(config, t),
+                  "prev_name_or_path": policy if loss_name.startswith("inpo") else None,
+                  "aux_name_or_path": aux_policy_path(config, t - 1) if optimistic else None},
         "data": {**to_dict(config.data), "cache_dir": str(run_dir / "logp_cache")},
-        "loss": {**to_dict(config.loss), "name": loss_name},
-        "optim": {**to_dict(config.optim), "seed": stage_seed(config.run.seed, t, 2) % 2**31},
-        "output": {**to_dict(config.output), "dir": str(run_dir / f"iter_{t}" / "train")},
+        "loss": {**to_dict(config.loss), "name": "inpo-optimistic-aux" if aux else loss_name},
+        "optim": {**to_dict(config.optim), "seed": stage_seed(config.run.seed, t, 5 if aux else 2) % 2**31},
+        "output": {**to_dict(config.output), "dir": str(run_dir / f"iter_{t}" / ("aux" if aux else "train"))},
     }, source=f"<iteration {t} of {run_dir}>")
 
 

@@ -3,13 +3,16 @@ model (only the prompt files are read, to count the prompts).
 
 For iteration t with N prompts, K samples per prompt and M = sampling.max_new_tokens:
 
-    sample    N·K samples from π_t, at most N·K·M new tokens
+    sample    N·K samples from π_t, at most N·K·M new tokens; nash-md: N·K opponents more, from the
+              mixture of π_t and π_ref (at most N·K·M new tokens)
     judge     comparisons by pair method: tournament 3K/2 − 1 per prompt (+ up to 2(K − 1) per kept
               pair when sppo estimates win rates), all_pairs and best_vs_worst K(K − 1)/2 (best_vs_worst
               with a reward model scores the N·K responses instead); at most 1 pair per prompt
-              (tournament, best_vs_worst) or K(K − 1)/2 (all_pairs)
-    score     the pairs under the reference (and π_t for inpo)
-    train     the algorithm's loss
+              (tournament, best_vs_worst) or K(K − 1)/2 (all_pairs); nash-md ("mixture"): K per
+              prompt, each sample against its opponent, N·K rows
+    score     the pairs under the reference (+ π_t for inpo and inpo-optimistic, + π̂_{t−1} for
+              inpo-optimistic at t ≥ 1)
+    train     the algorithm's loss (inpo-optimistic at t ≥ 1: a second phase trains π̂_t)
     summary   the win rate of π_{t+1} over π_t (`summary.win_rate`): N·K comparisons, and N·K more
               samples unless iteration t+1 answers the same prompts (it then reuses them)
 
@@ -30,6 +33,8 @@ from nashalign.config import to_dict, validated
 from nashalign.online_config import (
     ALGORITHMS,
     OnlineConfig,
+    aux_policy_path,
+    has_aux_phase,
     pair_method,
     phase_config,
     policy_path,
@@ -57,6 +62,10 @@ def judge_orders(spec: dict | None) -> tuple[int | None, str]:
 
 
 def _judge_stage(method: str, n: int, k: int, win_rates: bool, scores: bool, orders: int | None) -> dict[str, Any]:
+    if method == "mixture":  # nash-md: each of the N·K samples against its own opponent
+        calls = None if orders is None else orders * n * k
+        return {"method": method, "comparisons_per_prompt": k, "comparisons": n * k, "comparisons_max": n * k,
+                "judge_calls_max": calls, "pairs_max": n * k}
     if method == "tournament":
         per_prompt, extra = 3 * k // 2 - 1, 2 * (k - 1) if win_rates else 0
         pairs = n
@@ -101,17 +110,24 @@ def plan_online(config: OnlineConfig) -> dict[str, Any]:
         if scores and summary_calls is not None:
             summary_calls = min(summary_calls, 2 * n * k)
         roles = {"ref": phase.model.ref_name_or_path}
-        if phase.model.prev_name_or_path is not None:
-            roles["prev"] = phase.model.prev_name_or_path
+        for role, path in (("prev", phase.model.prev_name_or_path), ("aux", phase.model.aux_name_or_path)):
+            if path is not None:
+                roles[role] = path
+        samples = n * k * (2 if method == "mixture" else 1)
+        aux = phase_config(config, t, aux=True) if has_aux_phase(config, t) else None
         iterations.append({
             "iteration": t,
             "prompts_file": file,
             "prompts": n,
-            "sample": {"policy": phase.model.name_or_path, "samples": n * k, "new_tokens_max": n * k * max_new},
+            "sample": {"policy": phase.model.name_or_path, "samples": samples, "new_tokens_max": samples * max_new,
+                       "opponents": n * k if method == "mixture" else 0,
+                       "mixture_coef": config.sampling.mixture_coef if method == "mixture" else None},
             "judge": judge,
             "score": {"models": roles},
-            "train": {"loss": loss_name, "epochs": config.optim.epochs, "max_steps": config.optim.max_steps,
+            "train": {"loss": phase.loss.name, "epochs": config.optim.epochs, "max_steps": config.optim.max_steps,
                       "final": policy_path(config, t + 1)},
+            "train_aux": None if aux is None else {"loss": aux.loss.name, "policy": aux.model.name_or_path,
+                                                   "final": aux_policy_path(config, t)},
             "summary": {"win_rate": config.summary.win_rate, "samples": extra, "new_tokens_max": extra * max_new,
                         "samples_reused": bool(config.summary.win_rate and reused),
                         "comparisons": summary_comparisons, "judge_calls_max": summary_calls},
@@ -158,16 +174,22 @@ def format_plan(plan: dict[str, Any]) -> str:
                        else f"≤ {_n(judge['comparisons_max'])} comparisons")
         models = ", ".join(f"{role} = {path}" for role, path in it["score"]["models"].items())
         length = f"{it['train']['max_steps']} steps" if it["train"]["max_steps"] else f"{it['train']['epochs']} epoch(s)"
+        opponents = (f" (of which {_n(sample['opponents'])} opponents from the mixture π_{t}^(1−β)·π_ref^β, "
+                     f"β = {sample['mixture_coef']})" if sample["opponents"] else "")
         lines += [
             "",
             f"iteration {t}: {it['prompts']:,} prompts from {it['prompts_file']}",
-            f"  sample   π_{t} = {sample['policy']}: {_n(sample['samples'])} samples, "
+            f"  sample   π_{t} = {sample['policy']}: {_n(sample['samples'])} samples{opponents}, "
             f"≤ {_n(sample['new_tokens_max'])} new tokens",
             f"  judge    {judge['method']} ({judge['comparisons_per_prompt']} comparisons per prompt): {comparisons}, "
             f"≤ {_n(judge['judge_calls_max'])} judge calls → ≤ {_n(judge['pairs_max'])} pairs",
             f"  score    the pairs' log-probs under {models}",
             f"  train    loss {it['train']['loss']}, {length} → π_{t + 1} = {it['train']['final']}",
         ]
+        if it["train_aux"] is not None:
+            aux = it["train_aux"]
+            lines.append(f"  train    loss {aux['loss']} from π̂_{t - 1} = {aux['policy']}, {length} → "
+                         f"π̂_{t} = {aux['final']}")
         if not summary["win_rate"]:
             lines.append("  summary  win rate off (summary.win_rate: false): no extra samples or comparisons")
         else:

@@ -24,6 +24,7 @@ from pathlib import Path
 # Metrics plotted against iteration when present, with their axis labels and whether a log scale fits.
 PLOTTED_METRICS = {
     "duality_gap": ("exact duality gap", True),
+    "unregularized_gap": ("unregularized duality gap DG₀", True),
     "win_rate": ("win rate", False),
     "win_rate_vs_ref": ("win rate against the reference policy", False),
     "mean_length": ("mean response length (tokens)", False),

@@ -1,7 +1,7 @@
 """Models for a training phase: loading them, and scoring pairs under π_ref / π_t before training.
 
 `reference_logps` is the trainer's first stage: every pair's summed log-probs under the reference
-model (and, for inpo, the previous iterate), through the on-disk log-prob cache (nashalign.cache), in
+model (and, for inpo, the previous iterate; for optimistic INPO also the auxiliary policy), through the on-disk log-prob cache (nashalign.cache), in
 inference mode. A model given by path is loaded, scores and is deleted before the function returns,
 so it is never alive while the policy trains; an unset one is the policy's initial weights and is
 scored with the policy object itself, before any update. With several processes the scoring is
@@ -86,14 +86,17 @@ def _score_sharded(model, pairs, config: TrainConfig, cache, collate, accelerato
 def reference_sources(config: TrainConfig, given: dict) -> dict[str, str | None]:
     """Models still to score, by role: a path, or None for the policy's initial weights."""
     sources = {"ref": config.model.ref_name_or_path}
-    if config.loss.name == "inpo":
+    if config.loss.name.startswith("inpo"):
         sources["prev"] = config.model.prev_name_or_path
+    if config.loss.name.startswith("inpo-optimistic"):
+        sources["aux"] = config.model.aux_name_or_path
     return {role: source for role, source in sources.items() if given.get(role) is None}
 
 
 def reference_logps(policy, pairs, config: TrainConfig, cache_dir: Path, pad_id: int, device, given=None,
                     accelerator=None):
-    """Summed log-probs of every pair under π_ref (and π_t for inpo): {"ref": {"chosen", "rejected"}, ...}.
+    """Summed log-probs of every pair under π_ref (+ π_t for inpo*, + π̂_{t−1} for inpo-optimistic*):
+    {"ref": {"chosen", "rejected"}, ...}.
 
     `given` supplies precomputed ones. A role whose model is unset is the policy's initial weights and
     is scored with `policy` itself (before any update); any other model is loaded, scored into the

@@ -77,9 +77,11 @@ def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dic
                  z_loss_weight: float = 0.0):
     """Per-pair losses (B,) of a collated batch under `model`, and the policy's log-probs.
 
-    `references` holds (B,) tensors ref_chosen_logps, ref_rejected_logps (+ prev_* for inpo) aligned
-    with the batch. Win rates (sppo) come from the batch when the records carry them, else hard labels
-    1 (chosen) and 0 (rejected). A nonzero `z_loss_weight` adds that times `losses.z_loss` per pair.
+    `references` holds (B,) tensors ref_chosen_logps, ref_rejected_logps (+ prev_* for inpo, + aux_*
+    for optimistic INPO) aligned with the batch. Win rates (sppo) come from the batch when the records
+    carry them, else hard labels 1 (chosen) and 0 (rejected). A single-response loss (nash-md) reads
+    the chosen response as its sample (policy_logps, ref_logps) and the batch's `mixture_win_rate`.
+    A nonzero `z_loss_weight` adds that times `losses.z_loss` per pair.
     """
     policy = pair_logps(model, batch)
     available = {
@@ -90,6 +92,9 @@ def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dic
         "chosen_win_rate": batch.get("chosen_win_rate", torch.ones_like(policy["chosen_logps"])),
         "rejected_win_rate": batch.get("rejected_win_rate", torch.zeros_like(policy["rejected_logps"])),
         **references,
+        "policy_logps": policy["chosen_logps"],
+        "ref_logps": references.get("ref_chosen_logps"),
+        "mixture_win_rate": batch.get("mixture_win_rate"),
     }
     losses = loss_fn(**{name: available[name] for name in loss_inputs(loss_fn)})
     if z_loss_weight:
@@ -229,13 +234,14 @@ def train_pairs(
     tokenizer=None,
     ref_logps: dict[str, torch.Tensor] | None = None,
     prev_logps: dict[str, torch.Tensor] | None = None,
+    aux_logps: dict[str, torch.Tensor] | None = None,
     resume: str = "auto",
     callback: StepCallback | None = None,
 ) -> TrainResult:
     """Minimize the configured loss over `pairs`; return the final model's path and last metrics.
 
     policy: a path / hub name or a loaded causal LM (trained in place). pairs: tokenized pairs.
-    ref_logps / prev_logps: optional precomputed {"chosen": (N,), "rejected": (N,)} summed log-probs
+    ref_logps / prev_logps / aux_logps: optional precomputed {"chosen": (N,), "rejected": (N,)} summed log-probs
     aligned with `pairs`; missing ones are scored through the log-prob cache (see reference_logps).
     run_dir: defaults to config.output.dir. resume: "auto" continues from the newest complete
     checkpoint in run_dir, "never" starts over. callback(step, metrics) runs after every optimizer step.
@@ -270,7 +276,7 @@ def train_pairs(
     set_seed(config.optim.seed)
     if accelerator.is_main_process:
         dump_config(config, run_dir / "config.yaml")
-    given = {"ref": ref_logps, "prev": prev_logps}
+    given = {"ref": ref_logps, "prev": prev_logps, "aux": aux_logps}
     policy_source = policy if isinstance(policy, (str, Path)) else None
     if policy_source is not None:
         if tokenizer is None:
