@@ -128,34 +128,21 @@ def _finish(
     return tokenizer.decode(kept), kept, "length"
 
 
-def _row_seeded_sampler(generators, temperature: float, top_p: float):
-    """A logits processor that draws each row's next token from that row's own generator.
-
-    HF's `generate` draws all rows of a batch with one `torch.multinomial` on the global RNG, so
-    a sample would depend on its batch. This processor applies HF's own temperature and top-p
-    warpers, draws one token per row from the row's generator and returns scores that are -inf
-    everywhere except at the drawn token; `generate` then runs in greedy mode and picks exactly it.
-    """
+def _draw(logits, generators, temperature: float, top_p: float):
+    """The next token of each row: argmax when `generators` is None (greedy), else one draw per row
+    from softmax(logits / temperature) restricted to the top-p nucleus, with the row's own generator
+    (HF's own warpers), so a row's draw does not depend on the other rows of its batch."""
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    warpers = LogitsProcessorList()
+    if generators is None:
+        return logits.argmax(dim=-1)
     if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
+        logits = TemperatureLogitsWarper(temperature)(None, logits)
     if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=top_p))
-
-    class RowSeededSampling(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            probs = torch.softmax(warpers(input_ids, scores).float(), dim=-1)
-            drawn = torch.cat(
-                [torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)]
-            )
-            chosen = torch.full_like(scores, float("-inf"))
-            chosen.scatter_(1, drawn[:, None], 0.0)
-            return chosen
-
-    return RowSeededSampling()
+        logits = TopPLogitsWarper(top_p=top_p)(None, logits)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)])
 
 
 class TransformersSampler:
@@ -249,34 +236,66 @@ class TransformersSampler:
         return results
 
     def _generate_batch(self, texts, batch, keys, eos_ids) -> list[list[int]]:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        """Decode one batch of rows (prompt p, sample j) with the KV cache; `texts[i]` is row i's prompt.
 
-        pad_id = self.tokenizer.pad_token_id
+        Each distinct prompt of the batch is computed once (left-padded prefill) and its cache rows
+        are copied to its samples (the KV cache is expanded, not the prompt repeated). Rows that have
+        produced EOS leave the batch. Positions follow the attention mask, so left padding does not
+        shift them. Returns each row's new ids (EOS-terminated, or max_new_tokens long).
+        """
+        import inspect
+
+        import torch
+        from transformers import DynamicCache
+
         device = self.model.device
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = {k: v.to(device) for k, v in encoded.items()}
-        processors = LogitsProcessorList()
+        pad_id = self.tokenizer.pad_token_id
+        cache = DynamicCache()  # filled in place by every forward; newer transformers call the argument `cache`
+        cache_arg = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
+        distinct = list(dict.fromkeys(texts))
+        encoded = self.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False)
+        rows = torch.tensor([distinct.index(text) for text in texts], device=device)
+        mask = encoded["attention_mask"].to(device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        generators = None
         if self.temperature > 0:
-            generators = []
-            for p, j in batch:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(sample_seed(self.seed, keys[p], j))
-                generators.append(generator)
-            processors.append(_row_seeded_sampler(generators, self.temperature, self.top_p))
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=list(eos_ids),
-            pad_token_id=pad_id,
-            suppress_tokens=None if pad_id in eos_ids else [pad_id],
-        )
+            generators = [
+                torch.Generator(device=device).manual_seed(sample_seed(self.seed, keys[p], j)) for p, j in batch
+            ]
+        eos = torch.tensor(list(eos_ids), device=device)
+        new_ids: list[list[int]] = [[] for _ in batch]
+        active = list(range(len(batch)))  # batch rows still decoding, in cache order
         with torch.inference_mode():
-            output = self.model.generate(**encoded, generation_config=config, logits_processor=processors)
-        prompt_length = encoded["input_ids"].shape[1]
-        return output[:, prompt_length:].tolist()
+            out = self.model(
+                input_ids=encoded["input_ids"].to(device), attention_mask=mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **cache_arg,
+            )
+            logits = out.logits[:, -1]
+            cache.reorder_cache(rows)
+            logits, mask, last = logits[rows], mask[rows], positions[rows, -1]
+            for step in range(self.max_new_tokens):
+                if pad_id not in eos_ids:
+                    logits[:, pad_id] = float("-inf")
+                drawn = _draw(logits, generators, self.temperature, self.top_p)
+                for row, token in zip(active, drawn.tolist()):
+                    new_ids[row].append(token)
+                going = ~torch.isin(drawn, eos)
+                if step == self.max_new_tokens - 1 or not going.any():
+                    break
+                if not going.all():
+                    keep = going.nonzero().flatten()
+                    cache.reorder_cache(keep)
+                    drawn, mask, last = drawn[keep], mask[keep], last[keep]
+                    active = [active[i] for i in keep.tolist()]
+                    generators = None if generators is None else [generators[i] for i in keep.tolist()]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                last = last + 1
+                out = self.model(
+                    input_ids=drawn[:, None], attention_mask=mask, position_ids=last[:, None],
+                    use_cache=True, **cache_arg,
+                )
+                logits = out.logits[:, -1]
+        return new_ids
 
 
 def _load_causal_lm(path):
