@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh), lints, and runs the whole test suite. Extra arguments go to pytest.
+# Sets up both environments (scripts/setup.sh), lints, runs the test suite in .venv, then the
+# vLLM-marked tests in .venv-vllm against the real engine (CPU build). Extra arguments go to both
+# pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup.sh vllm
 .venv/bin/ruff check src tests bench
 .venv/bin/python -m pytest "$@"
+.venv-vllm/bin/python -m pytest -m vllm "$@"

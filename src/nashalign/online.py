@@ -67,6 +67,7 @@ from nashalign.prompts import (
     prompt_set,
     render_prompt,
 )
+from nashalign.sampling import SamplerPool
 from nashalign.sharding import from_main, process_state, split_oracle
 
 __all__ = [  # the prompt helpers live in nashalign.prompts; re-exported for the loop's users
@@ -103,6 +104,13 @@ class SamplingSettings:
     top_p: float = _field(1.0, "nucleus sampling mass", gt=0, le=1)
     batch_size: int = _field(16, "rows per generate call (transformers backend)", ge=1)
     tensor_parallel_size: int = _field(1, "GPUs per vLLM engine", ge=1)
+    gpu_memory_utilization: float = _field(
+        0.5, "vLLM on a GPU: share of its memory the engine takes (weights + KV cache)", gt=0, le=1
+    )
+    engine_args: dict[str, Any] = _field(
+        help="further vllm.LLM arguments (dtype, max_model_len, enforce_eager, enable_sleep_mode, ...)",
+        factory=dict,
+    )
 
 
 @dataclasses.dataclass
@@ -149,7 +157,7 @@ class OnlineResult:
 
 
 def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], config: OnlineConfig, seed: int,
-              state, progress: bool) -> list[list[dict]]:
+              state, progress: bool, pool) -> list[list[dict]]:
     """Stage 1: K samples per prompt from the policy → `path` (one row per sample), in prompt order.
 
     Process r of N samples prompts r, r + N, ... into `<stem>.shard-r-of-N.jsonl` (kept if an
@@ -163,7 +171,7 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
         if not shard.exists():
             mine = list(range(rank, len(rendered), processes))
             rows = _sample(policy_path, tokenizer, [rendered[p] for p in mine], mine, config, seed, state,
-                           progress) if mine else []
+                           progress, pool) if mine else []
             write_jsonl(shard, rows)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -179,24 +187,23 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
 
 
 def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int], config: OnlineConfig, seed: int,
-            state, progress: bool) -> list[dict]:
+            state, progress: bool, pool) -> list[dict]:
     """K samples of each prompt (keyed by its index in the file, which seeds its samples) as rows."""
-    from nashalign.sampling import TransformersSampler, make_sampler
+    from nashalign.sampling import TransformersSampler
 
     s = config.sampling
-    # vLLM runs in one process only for now (run_online refuses backend "vllm" with several)
-    backend = "transformers" if s.backend == "auto" and state.num_processes > 1 else s.backend
-    sampler = make_sampler(
-        backend, policy_path, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, batch_size=s.batch_size, seed=seed,
-        tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto",
+    work = len(prompts) * s.samples_per_prompt * s.max_new_tokens * (config.run.iterations + 1)
+    sampler = pool.sampler(
+        s.backend, policy_path, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        top_p=s.top_p, batch_size=s.batch_size, seed=seed, tensor_parallel_size=s.tensor_parallel_size,
+        fallback_to_transformers=s.backend == "auto", work_tokens=work,
+        llm_kwargs={"gpu_memory_utilization": s.gpu_memory_utilization, **s.engine_args},
     )
     if isinstance(sampler, TransformersSampler):
         sampler.model.to(state.device)  # this process's device (its own GPU under accelerate launch)
     groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,
                               progress=progress and state.is_local_main_process)
-    if hasattr(sampler, "close"):
-        sampler.close()
+    pool.release(sampler)
     del sampler
     gc.collect()
     return [dataclasses.asdict(g) for group in groups for g in group]
@@ -383,11 +390,6 @@ def run_online(
     state = process_state()
     if config.run.algorithm not in ALGORITHMS:
         raise NashalignError(f"run.algorithm: expected one of {', '.join(ALGORITHMS)}, got {config.run.algorithm!r}")
-    if config.sampling.backend == "vllm" and state.num_processes > 1:
-        raise NashalignError(
-            f"sampling.backend: 'vllm' is not supported with several processes yet ({state.num_processes} "
-            "launched); use 'transformers', or 'auto', which samples with transformers then"
-        )
     oracle = split_oracle(oracle, config.oracle, state)
     run_dir = Path(config.run.dir) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -408,18 +410,19 @@ def run_online(
     policy_path = config.model.name_or_path
     summaries: list[dict[str, Any]] = []
     previous = None  # (iteration dir, prompts, groups, pair stats) of t − 1, whose summary needs π_t's samples
+    pool = SamplerPool()  # keeps a vLLM engine across iterations (new weights in place); closed at the end
 
     for t in range(config.run.iterations + 1):
         it = run_dir / f"iter_{t}"
         it.mkdir(exist_ok=True)
         current = prompts_of(t)
         groups = _generate(it / "generations.jsonl", str(policy_path), tokenizer, current.rendered, config,
-                           _seed(config.run.seed, t, 0), state, progress)
+                           _seed(config.run.seed, t, 0), state, progress, pool)
         if previous is not None:
             before, before_prompts, before_groups, before_stats = previous
             next_groups = groups if before_prompts.file == current.file else _generate(
                 before / "next_generations.jsonl", str(policy_path), tokenizer, before_prompts.rendered, config,
-                _seed(config.run.seed, t - 1, 3), state, progress,
+                _seed(config.run.seed, t - 1, 3), state, progress, pool,
             )
             row = _summary(before, t - 1, before_groups, next_groups, oracle, before_prompts.judge, before_stats, state)
             summaries.append(row)
@@ -436,6 +439,7 @@ def run_online(
         logps = _score(it, tokenized, str(policy_path), str(ref_path), config, tokenizer, state)
         policy_path = _train(it, tokenized, logps, str(policy_path), config, tokenizer, t, state)
         previous = (it, current, groups, stats)
+    pool.close()
     state.wait_for_everyone()  # no process returns before the main process has written everything
     return OnlineResult(run_dir, Path(policy_path), summaries)
 

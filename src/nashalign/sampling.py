@@ -3,8 +3,12 @@
 Two backends share one interface (`generate(prompts, n) -> list[list[Generation]]` and
 `update_weights(model)`):
 
-- `TransformersSampler`: batched `model.generate` with the KV cache and left padding. Works everywhere.
-- `VLLMSampler`: vLLM's offline `LLM` engine; used when vLLM is installed and a CUDA GPU is visible.
+- `TransformersSampler`: batched decoding with the KV cache and left padding; each prompt is
+  computed once for its K samples. Works everywhere.
+- `nashalign.vllm_sampler.VLLMSampler`: vLLM's offline `LLM` engine, wherever vLLM is installed (its
+  GPU build, or its CPU build on x86).
+
+`make_sampler` picks one; `SamplerPool` keeps a vLLM engine for a whole run.
 
 Prompts are already-rendered prompt strings (chat template applied); they are tokenized without
 adding special tokens, because a rendered template already carries its own BOS.
@@ -16,18 +20,15 @@ the same seed gives the same samples for any `batch_size` and when only a subset
 generated again (as on resume), up to floating-point differences in the logits caused by a
 different amount of left padding (rare token flips, never seen on the tiny test models). Not
 reproducible across devices, dtypes, torch/transformers versions or attention kernels. The vLLM
-backend seeds each prompt's request from (seed, p) and vLLM gives its n children seeds
-seed_p + j; vLLM documents per-request seeds as reproducible on the same hardware and version.
+backend's seeding is described in nashalign.vllm_sampler.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -307,165 +308,8 @@ def _load_causal_lm(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
 
 
-def _generation_config(path):
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(path)
-    except OSError:  # no generation_config.json: the tokenizer's EOS is used
-        return None
-
-
-def vllm_available() -> tuple[bool, str]:
-    """(True, "") when vLLM imports and a CUDA GPU is visible, else (False, the reason)."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return False, "vLLM is not installed (install the 'vllm' extra: pip install 'nashalign[vllm]')"
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "vLLM needs a CUDA GPU and torch sees none"
-    try:
-        import vllm  # noqa: F401
-    except Exception as error:  # a broken install raises anything from ImportError to RuntimeError
-        return False, f"vLLM is installed but failed to import: {type(error).__name__}: {error}"
-    return True, ""
-
-
-class VLLMSampler:
-    """Sampling with vLLM's offline engine (`vllm.LLM`), reloaded from disk for every new policy.
-
-    Args:
-        model_path: a Hugging Face checkpoint directory (weights + config); also used for the
-            tokenizer unless `tokenizer_path` is given.
-        max_new_tokens, temperature, top_p, seed: as for `TransformersSampler` (temperature 0 is
-            greedy). `batch_size` does not exist here: vLLM schedules its own batches.
-        tensor_parallel_size: GPUs per engine.
-        llm_kwargs: further `vllm.LLM` arguments (dtype, gpu_memory_utilization, max_model_len, ...).
-
-    `update_weights(path)` frees the current engine (`cleanup_dist_env_and_memory`) and builds a new
-    one from the new checkpoint: the simplest way to load new weights that works across vLLM
-    versions; it costs an engine start per iteration. The pad token is not suppressed here.
-    """
-
-    def __init__(
-        self,
-        model_path,
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        tokenizer_path=None,
-        llm_kwargs: dict | None = None,
-    ):
-        _check_sampling_args(max_new_tokens, temperature, top_p, seed)
-        available, reason = vllm_available()
-        if not available:
-            raise NashalignError(f"sampling: the vLLM backend is unavailable: {reason}")
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise NashalignError(f"sampling: tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
-        self.max_new_tokens = max_new_tokens
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.seed = seed
-        self.tensor_parallel_size = tensor_parallel_size
-        self.tokenizer_path = tokenizer_path
-        self.llm_kwargs = dict(llm_kwargs or {})
-        self.llm = None
-        self._load(model_path)
-
-    def _load(self, model_path) -> None:
-        from transformers import AutoTokenizer
-        from vllm import LLM
-
-        model_path = Path(model_path)
-        if not model_path.is_dir():
-            raise NashalignError(
-                f"sampling: the vLLM backend needs a checkpoint directory; {model_path} is none"
-            )
-        tokenizer_path = Path(self.tokenizer_path or model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.llm = LLM(
-            model=str(model_path),
-            tokenizer=str(tokenizer_path),
-            tensor_parallel_size=self.tensor_parallel_size,
-            seed=self.seed,
-            **self.llm_kwargs,
-        )
-        self.eos_ids = _eos_token_ids(
-            SimpleNamespace(generation_config=_generation_config(model_path)), self.tokenizer
-        )
-
-    def close(self) -> None:
-        """Free the engine and its GPU memory."""
-        if self.llm is None:
-            return
-        self.llm = None
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-        except ImportError:  # older layouts export it from vllm.distributed only
-            from vllm.distributed import cleanup_dist_env_and_memory
-        cleanup_dist_env_and_memory()
-
-    def update_weights(self, model) -> None:
-        """Reload the engine from the checkpoint directory `model` (a path; a live module cannot be
-        handed to a vLLM engine, so save it with `save_pretrained` first)."""
-        if not isinstance(model, (str, Path)):
-            raise NashalignError(
-                "sampling: the vLLM backend loads weights from a checkpoint directory; pass its path"
-            )
-        self.close()
-        self._load(model)
-
-    def generate(
-        self,
-        prompts: list[str],
-        n: int,
-        *,
-        progress: bool = True,
-        prompt_indices: Sequence[int] | None = None,
-    ) -> list[list[Generation]]:
-        """Same contract as `TransformersSampler.generate`."""
-        from vllm import SamplingParams
-
-        keys = _check_generate_args(prompts, n, prompt_indices)
-        requests = [
-            {"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
-            for prompt in prompts
-        ]
-        greedy = self.temperature == 0
-        # vLLM refuses n > 1 (and top_p < 1) with greedy decoding: ask once and copy, as transformers does.
-        params = [
-            SamplingParams(
-                n=1 if greedy else n,
-                temperature=self.temperature,
-                top_p=1.0 if greedy else self.top_p,
-                max_tokens=self.max_new_tokens,
-                stop_token_ids=list(self.eos_ids),
-                seed=sample_seed(self.seed, key) >> 32,
-            )
-            for key in keys
-        ]
-        outputs = self.llm.generate(requests, params, use_tqdm=progress)
-        results = []
-        for key, output in zip(keys, outputs):
-            completions = sorted(output.outputs, key=lambda c: c.index)
-            if greedy:
-                completions = completions * n
-            row = []
-            for j, completion in enumerate(completions):
-                text, kept, reason = _finish(
-                    completion.token_ids, self.eos_ids, self.max_new_tokens, self.tokenizer
-                )
-                if completion.finish_reason == "stop":  # vLLM may or may not return the stop token itself
-                    reason = "stop"
-                row.append(Generation(key, j, text, kept, reason))
-            results.append(row)
-        return results
+# `backend: auto` starts a vLLM engine only for at least this many sampled tokens (see make_sampler).
+VLLM_MIN_WORK_TOKENS = 32768
 
 
 def make_sampler(
@@ -481,16 +325,23 @@ def make_sampler(
     tensor_parallel_size: int = 1,
     fallback_to_transformers: bool = False,
     llm_kwargs: dict | None = None,
-) -> TransformersSampler | VLLMSampler:
-    """Build a sampler.
+    work_tokens: int | None = None,
+):
+    """Build a sampler: a `TransformersSampler`, or a `nashalign.vllm_sampler.VLLMSampler`.
 
     backend:
         "transformers": `model` is a `PreTrainedModel` (with `tokenizer`) or a checkpoint directory.
-        "vllm": `model` must be a checkpoint directory. When vLLM is unavailable (not installed, fails
-            to import, or no CUDA GPU) this raises NashalignError with the reason, unless
+        "vllm": `model` must be a checkpoint directory. When vLLM is unavailable (not installed or
+            fails to import) this raises NashalignError with the reason, unless
             `fallback_to_transformers` is True: then it logs a warning and returns a
             TransformersSampler instead.
-        "auto": vLLM when it is available and `model` is a checkpoint directory, else transformers.
+        "auto": vLLM when it is available, `model` is a checkpoint directory and the work pays for
+            the engine's start: `work_tokens` (the tokens the caller expects to sample with this
+            engine, prompts × K × max_new_tokens summed over its uses; None: unknown, counts as
+            enough) is at least VLLM_MIN_WORK_TOKENS. Else transformers. The rule: an engine start
+            costs about a minute on a CPU (less on a GPU), and vLLM samples about 2-3× faster than
+            the transformers sampler on a CPU, so it pays off from about 30k sampled tokens on a
+            ~60M model on 2 cores (docs/performance.md).
     """
     if backend not in ("transformers", "vllm", "auto"):
         raise NashalignError(f"sampling: backend must be 'transformers', 'vllm' or 'auto', got {backend!r}")
@@ -499,7 +350,10 @@ def make_sampler(
         raise NashalignError(
             "sampling: the vLLM backend loads weights from a checkpoint directory; pass its path"
         )
-    if backend != "transformers" and is_path:
+    worth_an_engine = backend == "vllm" or work_tokens is None or work_tokens >= VLLM_MIN_WORK_TOKENS
+    if backend != "transformers" and is_path and worth_an_engine:
+        from nashalign.vllm_sampler import VLLMSampler, vllm_available
+
         available, reason = vllm_available()
         if available:
             return VLLMSampler(
@@ -536,3 +390,37 @@ def make_sampler(
         batch_size=batch_size,
         seed=seed,
     )
+
+
+class SamplerPool:
+    """The samplers of one run. A vLLM engine is built once and kept: each later request for
+    another checkpoint loads its weights in place (`update_weights`) and takes the call's seed, and
+    the engine sleeps between uses where sleep mode is on. Transformers samplers are built per
+    request (loading a small checkpoint costs little). `close()` shuts the engine down."""
+
+    def __init__(self):
+        self._engine = None
+        self._engine_path: str | None = None
+
+    def sampler(self, backend, model_path: str, tokenizer, *, seed: int, **settings):
+        """A sampler for `model_path`; `settings` are `make_sampler`'s keyword arguments."""
+        if self._engine is not None and backend != "transformers":
+            if model_path != self._engine_path:
+                self._engine.update_weights(model_path)
+                self._engine_path = model_path
+            self._engine.seed = seed
+            return self._engine
+        sampler = make_sampler(backend, model_path, tokenizer, seed=seed, **settings)
+        if not isinstance(sampler, TransformersSampler):
+            self._engine, self._engine_path = sampler, model_path
+        return sampler
+
+    def release(self, sampler) -> None:
+        """The caller is done with `sampler` for now."""
+        if sampler is self._engine:
+            sampler.sleep()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
