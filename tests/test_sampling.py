@@ -434,14 +434,15 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
     assert [name for name, _ in fake.calls] == [
         "sleep", "wake_up", "sleep", "wake_up", "reload_weights", "reset_prefix_cache"
     ]
-    sampler.sleep()  # without sleep mode: nothing happens
-    assert fake.calls[-1] == ("reset_prefix_cache", None)
+    assert fake.engines[-1].kwargs["enable_sleep_mode"] is True  # the default on a GPU
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     on_cpu = make_sampler("vllm", tiny_model_dir, max_new_tokens=4)
-    assert fake.engines[-1].kwargs["enable_chunked_prefill"] is False
-    assert fake.engines[-1].kwargs["max_num_batched_tokens"] >= 512  # the tiny model's context
-    assert on_cpu.llm is fake.engines[-1]
+    assert on_cpu.llm is fake.engines[-1] and "enable_sleep_mode" not in on_cpu.llm.kwargs
+    assert on_cpu.llm.kwargs["enable_chunked_prefill"] is False
+    assert on_cpu.llm.kwargs["max_num_batched_tokens"] >= 512  # the tiny model's context
+    on_cpu.sleep()  # without sleep mode: nothing happens
+    assert fake.calls[-1] == ("reset_prefix_cache", None)
 
 
 def test_auto_rule_and_sampler_pool_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_model_dir, tmp_path):

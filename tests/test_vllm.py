@@ -1,10 +1,8 @@
 """The vLLM sampler on the real engine (vLLM's CPU build here; its GPU build elsewhere).
 
 One engine serves the whole module (an engine start costs about a minute on a CPU): it is built on
-model A and takes models B and A' in place with update_weights. The models have head size 64
-(vLLM's kernels do not take the tiny default of 8) and a zero output row for the pad token, so pad
-never wins an argmax: the transformers sampler suppresses pad, vLLM does not, and greedy decoding
-must not depend on that difference. Greedy outputs are checked against the transformers sampler
+model A and takes models B and A' in place with update_weights (models from tests/vllm_models.py).
+Greedy outputs are checked against the transformers sampler
 (float32 both), which tests/test_sampling.py checks against a naive reference.
 """
 
@@ -13,29 +11,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from nashalign.sampling import make_sampler
-from nashalign.tiny import build_model, build_tokenizer
+from vllm_models import ENGINE_ARGS, save_sampling_model
 
 pytestmark = pytest.mark.vllm
 
 PROMPTS = ["Paris", "What is the capital of France?", "The quick brown fox jumps over the lazy"]
-ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 128 << 20}
-
-
-def save_sampling_model(directory, seed: int, extra_eos: int | None = None):
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, hidden_size=256, num_heads=4, num_layers=2, seed=seed)
-    with torch.no_grad():
-        model.get_output_embeddings().weight[tokenizer.pad_token_id] = 0.0
-    if extra_eos is not None:
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id, extra_eos]
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def transformers_greedy(directory, max_new_tokens: int):
     sampler = make_sampler("transformers", str(directory), max_new_tokens=max_new_tokens, temperature=0.0)
     return [(row[0].token_ids, row[0].finish_reason) for row in sampler.generate(PROMPTS, 1, progress=False)]

@@ -75,8 +75,8 @@ class VLLMSampler:
         tensor_parallel_size: GPUs per engine.
         llm_kwargs: further `vllm.LLM` arguments (dtype, gpu_memory_utilization, max_model_len,
             enforce_eager, kv_cache_memory_bytes, enable_sleep_mode, ...). Defaults added here: on a
-            CPU, `enable_chunked_prefill=False` with `max_num_batched_tokens` at least the model's
-            context length (see the module docstring).
+            GPU, `enable_sleep_mode=True`; on a CPU, `enable_chunked_prefill=False` with
+            `max_num_batched_tokens` at least the model's context length (see the module docstring).
 
     `update_weights(path)` loads the checkpoint at `path` into the running engine (the workers'
     `reload_weights`, then the prefix cache is reset); `rebuild(path)` tears the engine down and
@@ -118,7 +118,9 @@ class VLLMSampler:
         import torch
 
         kwargs = dict(self.llm_kwargs)
-        if not torch.cuda.is_available():
+        if torch.cuda.is_available():  # the engine is kept across iterations: it sleeps while the policy trains
+            kwargs.setdefault("enable_sleep_mode", True)
+        else:
             kwargs.setdefault("enable_chunked_prefill", False)
             if not kwargs["enable_chunked_prefill"]:
                 context = kwargs.get("max_model_len") or _max_positions(model_path)
@@ -131,12 +133,13 @@ class VLLMSampler:
 
         tokenizer_path = Path(self.tokenizer_path or model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.engine_kwargs = self._engine_kwargs(model_path)
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(tokenizer_path),
             tensor_parallel_size=self.tensor_parallel_size,
             seed=self.seed,
-            **self._engine_kwargs(model_path),
+            **self.engine_kwargs,
         )
         self.asleep = False
         self._read_eos(model_path)
@@ -161,7 +164,7 @@ class VLLMSampler:
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights offloaded, KV cache dropped) until the next call;
         only with `enable_sleep_mode` (vLLM's CPU build has no sleep mode)."""
-        if self.llm_kwargs.get("enable_sleep_mode") and not self.asleep:
+        if self.engine_kwargs.get("enable_sleep_mode") and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
 
