@@ -14,6 +14,7 @@ does not use offset") when a seeded request's prompt is computed in chunks.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -220,7 +221,9 @@ class VLLMSampler:
             )
             for key in keys
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=progress)
+        # vLLM's progress bar divides by its elapsed time, which is 0 when tqdm is disabled by TQDM_DISABLE
+        use_tqdm = progress and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
+        outputs = self.llm.generate(requests, params, use_tqdm=use_tqdm)
         results = []
         for key, output in zip(keys, outputs):
             completions = sorted(output.outputs, key=lambda c: c.index)
