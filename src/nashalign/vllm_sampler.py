@@ -151,11 +151,20 @@ class VLLMSampler:
         )
 
     def close(self) -> None:
-        """Shut the engine down and free its memory."""
+        """Shut the engine down and free its memory. vLLM's own cleanup, which also destroys the
+        default process group, runs only when the caller has none (under `accelerate launch` it
+        belongs to the caller, and the engine's processes hold vLLM's distributed state)."""
         if self.llm is None:
             return
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
         self.llm = None
         gc.collect()
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return
         try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
         except ImportError:  # older layouts export it from vllm.distributed only
