@@ -17,7 +17,8 @@ words) of the word-level tokenizer (one token per word). Sides, each in a fresh 
 
 Tokens/s count the sampled tokens (EOS excluded) over the generation call's wall time. Each side
 gets `--threads` cores (vLLM: its worker is bound to cores 0..threads-1 with no core reserved).
-Ratios between sides are only meaningful within one run (the machine is shared). Prints JSON and a table.
+Ratios between sides are only meaningful within one run (the machine is shared). Prints each side's
+row as JSON as it finishes, then all of them and a table.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workloads import FIRST_WORD_ID, WORKLOADS, word_tokenizer  # noqa: E402
 
 PROMPTS, K, NEW_TOKENS = 16, 8, 64
-LENGTHS = {"short": (8, 24), "long": (60, 160)}
+LENGTHS = {"long": (60, 160), "short": (8, 24)}
 
 
 def prompts(length: str, vocab_size: int) -> list[str]:
@@ -158,6 +159,7 @@ def main() -> int:
             row["tokens_per_second"] = row["tokens"] / row["seconds"]
             row["load_average"] = os.getloadavg()[0]
             results.setdefault(length, {})[side] = row
+            print(json.dumps({"length": length, "side": side, **row}), flush=True)
     print(json.dumps(results, indent=2))
     for length, sides in results.items():
         base = sides.get("generate", {}).get("tokens_per_second")
