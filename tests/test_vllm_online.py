@@ -104,14 +104,16 @@ def test_killed_during_vllm_sampling_resumes_to_the_same_run(setting, uninterrup
     clean_dir, _ = uninterrupted
     config = _config(root, model_dir, "crash")
     run_dir = root / "runs" / "crash"
-    process = subprocess.Popen(_online(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: the kill takes vLLM's engine processes too (they outlive a SIGKILLed parent)
+    process = subprocess.Popen(_online(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.monotonic() + 600
     try:
         while not (run_dir / "iter_1").exists():
             assert process.poll() is None, "the loop finished before the kill point was reached"
             assert time.monotonic() < deadline, "kill point not reached in time"
             time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
