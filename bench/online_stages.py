@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/online_stages.py --size tiny
     .venv/bin/python bench/online_stages.py --size 60m
+    .venv-vllm/bin/python bench/online_stages.py --size 60m --backend vllm
 
 Builds the model locally (nashalign.tiny; the 60m size has a 32k vocabulary: the tiny tokenizer padded
 with extra tokens), writes chat prompts, and runs `run_online` for one iteration with K = 8 samples per
 prompt and the paper's tournament pairs. The oracle is a cheap Python preference (shorter response
 wins, ties broken by text), so judging time here is the loop's own overhead; a model judge adds its
 forward passes (see the oracle measurements in the issue notes). Each stage function of
-nashalign.online is wrapped with a timer; the table goes to stdout.
+nashalign.online is wrapped with a timer; the table goes to stdout. With `--backend vllm` the
+sampling stage includes the engine's start (float32, eager mode; its worker bound to `--threads`
+cores) and the in-place weight update to π_1.
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
     from nashalign import online
     from nashalign.artifacts import write_jsonl
@@ -68,8 +74,9 @@ def main() -> None:
         "model": {"name_or_path": str(workdir / "model")},
         "run": {"name": "bench", "dir": str(workdir / "runs"), "iterations": 1},
         "prompts": {"file": str(workdir / "prompts.jsonl")},
-        "sampling": {"backend": "transformers", "samples_per_prompt": args.samples,
-                     "max_new_tokens": args.max_new_tokens, "batch_size": 32},
+        "sampling": {"backend": args.backend, "samples_per_prompt": args.samples,
+                     "max_new_tokens": args.max_new_tokens, "batch_size": 32,
+                     "engine_args": {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 3 << 29}},
         "data": {"max_length": 256, "max_prompt_length": 128, "scoring_batch_size": 8},
         "loss": {"eta": 0.005},
         "optim": {"lr": 5e-7, "epochs": 2, "per_device_batch_size": 4, "warmup_ratio": 0.03},
@@ -94,7 +101,7 @@ def main() -> None:
     summary = result.summaries[0]
     report = {
         "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
-        "load_average": os.getloadavg(), "model_parameters": params, "size": args.size,
+        "load_average": os.getloadavg(), "model_parameters": params, "size": args.size, "backend": args.backend,
         "prompts": args.prompts, "samples_per_prompt": args.samples, "pairs": summary["pairs_kept"],
         "mean_response_tokens": summary["mean_response_length"], "stage_seconds": times, "total_seconds": total,
     }

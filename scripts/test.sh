@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh), lints, and runs the whole test suite. Extra arguments go to pytest.
+# Sets up both environments (scripts/setup.sh), lints, runs the test suite in .venv, then the
+# vLLM-marked tests in .venv-vllm against the real engine (CPU build). Extra arguments go to both
+# pytest runs; when they select no vLLM test, the second run's "no tests collected" is not an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup.sh vllm
 .venv/bin/ruff check src tests bench
 .venv/bin/python -m pytest "$@"
+status=0
+.venv-vllm/bin/python -m pytest -m vllm "$@" || status=$?
+if [ "$status" -ne 0 ] && ! { [ "$status" -eq 5 ] && [ "$#" -gt 0 ]; }; then
+  exit "$status"
+fi

@@ -22,8 +22,8 @@ from nashalign.sampling import (
     TransformersSampler,
     make_sampler,
     sample_seed,
-    vllm_available,
 )
+from nashalign.vllm_sampler import vllm_available
 
 PROMPTS = ["Paris", "What is the capital of France?", "The quick brown fox jumps over the lazy"]
 
@@ -360,47 +360,16 @@ def test_make_sampler_backends(tiny_model, tiny_tokenizer, tiny_model_dir, caplo
     assert isinstance(make_sampler("auto", tiny_model_dir, **common), TransformersSampler)
 
 
-@pytest.mark.gpu
-def test_vllm_sampler(tmp_path, tiny_tokenizer):
-    """vLLM on a GPU: K per prompt, seeding, finish reasons, reload of new weights."""
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a CUDA GPU")
-    from nashalign.sampling import VLLMSampler
-    from nashalign.tiny import build_model
-
-    # head_dim 64: vLLM's attention kernels do not take the default tiny head_dim of 8.
-    for name, seed in (("first", 0), ("second", 1)):
-        model = build_model(tiny_tokenizer, hidden_size=256, num_heads=4, seed=seed)
-        model.save_pretrained(tmp_path / name)
-        tiny_tokenizer.save_pretrained(tmp_path / name)
-    sampler = VLLMSampler(
-        tmp_path / "first", max_new_tokens=8, seed=3, llm_kwargs={"gpu_memory_utilization": 0.3}
-    )
-    results = sampler.generate(PROMPTS, 4, progress=False)
-    assert [len(row) for row in results] == [4, 4, 4]
-    for p, row in enumerate(results):
-        for j, g in enumerate(row):
-            assert (g.prompt_index, g.sample_index) == (p, j)
-            assert g.text == tiny_tokenizer.decode(g.token_ids)
-            assert tiny_tokenizer.eos_token_id not in g.token_ids
-            assert g.finish_reason == "stop" or len(g.token_ids) == 8
-    assert sampler.generate(PROMPTS, 4, progress=False) == results
-    sampler.update_weights(tmp_path / "second")
-    assert sampler.generate(PROMPTS, 4, progress=False) != results
-    sampler.close()
-
-
 class FakeVLLM:
     """Stands in for the `vllm` package (not installable here) to test the glue in VLLMSampler:
-    request construction, output parsing, greedy handling and engine reloads. Each engine answers a
+    request construction, output parsing, greedy handling, weight reloads and sleep. Each engine answers a
     request with completions whose tokens are (prompt length + child index) repeated, then a stop
     token for even children (finish "stop"; child j stops on stop_ids[j // 2 % len(stop_ids)],
     included as vLLM returns it, or, with return_stop=False, left out and named by `stop_reason`)
     and max_tokens tokens for odd children (finish "length")."""
 
     def __init__(self, stop_ids, return_stop=True):
-        self.engines, self.cleanups, self.requests = [], 0, []
+        self.engines, self.cleanups, self.requests, self.calls = [], 0, [], []
         fake = self
 
         class SamplingParams:
@@ -411,6 +380,18 @@ class FakeVLLM:
             def __init__(self, **kwargs):
                 self.kwargs = kwargs
                 fake.engines.append(self)
+
+            def collective_rpc(self, method, kwargs=None):
+                fake.calls.append((method, kwargs))
+
+            def reset_prefix_cache(self):
+                fake.calls.append(("reset_prefix_cache", None))
+
+            def sleep(self, level):
+                fake.calls.append(("sleep", level))
+
+            def wake_up(self):
+                fake.calls.append(("wake_up", None))
 
             def generate(self, requests, params, use_tqdm=True):
                 fake.requests.append((requests, params))
@@ -450,7 +431,9 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
     """Without vLLM: prompts are sent as token ids without added special tokens, one request per
     prompt with n samples and a distinct seed; outputs come back ordered by child index with EOS
     and padding removed and the right finish reason; greedy asks once and copies (vLLM refuses
-    n > 1 when greedy); update_weights frees the engine and builds a new one from the new path."""
+    n > 1 when greedy); update_weights asks the workers to reload the new path's weights in place
+    and resets the prefix cache, rebuild frees the engine and builds a new one; with sleep mode the
+    engine sleeps on request and wakes before its next use. On a CPU, chunked prefill is off by default."""
     fake = FakeVLLM([tiny_tokenizer.eos_token_id])
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -458,7 +441,7 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
     assert vllm_available() == (True, "")
 
     sampler = make_sampler("vllm", tiny_model_dir, max_new_tokens=4, seed=7, tensor_parallel_size=2)
-    from nashalign.sampling import VLLMSampler
+    from nashalign.vllm_sampler import VLLMSampler
 
     assert isinstance(sampler, VLLMSampler)
     assert fake.engines[0].kwargs["model"] == str(tiny_model_dir)
@@ -485,10 +468,70 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
 
     engines = len(fake.engines)
     sampler.update_weights(tiny_model_dir)
+    assert fake.calls == [("reload_weights", {"weights_path": str(tiny_model_dir)}), ("reset_prefix_cache", None)]
+    assert len(fake.engines) == engines and fake.cleanups == 0
+    sampler.rebuild(tiny_model_dir)
     assert fake.cleanups == 1 and len(fake.engines) == engines + 1 and sampler.llm is fake.engines[-1]
     with pytest.raises(NashalignError, match="checkpoint directory"):
         sampler.update_weights(object())
 
+    fake.calls.clear()
+    sleepy = make_sampler("vllm", tiny_model_dir, max_new_tokens=4, llm_kwargs={"enable_sleep_mode": True})
+    sleepy.sleep()
+    sleepy.sleep()
+    sleepy.generate(PROMPTS, 1, progress=False)
+    sleepy.sleep()
+    sleepy.update_weights(tiny_model_dir)
+    assert [name for name, _ in fake.calls] == [
+        "sleep", "wake_up", "sleep", "wake_up", "reload_weights", "reset_prefix_cache"
+    ]
+    assert fake.engines[-1].kwargs["enable_sleep_mode"] is True  # the default on a GPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu = make_sampler("vllm", tiny_model_dir, max_new_tokens=4)
+    assert on_cpu.llm is fake.engines[-1] and "enable_sleep_mode" not in on_cpu.llm.kwargs
+    assert on_cpu.llm.kwargs["enable_chunked_prefill"] is False
+    assert on_cpu.llm.kwargs["max_num_batched_tokens"] >= 512  # the tiny model's context
+    on_cpu.sleep()  # without sleep mode: nothing happens
+    assert fake.calls[-1] == ("reset_prefix_cache", None)
+
+
+def test_auto_rule_and_sampler_pool_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_model_dir, tmp_path):
+    """'auto' starts an engine only for VLLM_MIN_WORK_TOKENS sampled tokens or more (or an unknown
+    amount); a SamplerPool builds one engine, loads each new checkpoint into it in place, gives it
+    each call's seed, and shuts it down on close; transformers samplers are built per call."""
+    import shutil
+
+    from nashalign.sampling import VLLM_MIN_WORK_TOKENS, SamplerPool
+    from nashalign.vllm_sampler import VLLMSampler
+
+    fake = FakeVLLM([tiny_tokenizer.eos_token_id])
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    common = {"max_new_tokens": 4}
+    small = make_sampler("auto", tiny_model_dir, work_tokens=VLLM_MIN_WORK_TOKENS - 1, **common)
+    assert isinstance(small, TransformersSampler) and not fake.engines
+    assert isinstance(make_sampler("auto", tiny_model_dir, work_tokens=VLLM_MIN_WORK_TOKENS, **common), VLLMSampler)
+    assert isinstance(make_sampler("auto", tiny_model_dir, **common), VLLMSampler)
+    assert isinstance(make_sampler("vllm", tiny_model_dir, work_tokens=1, **common), VLLMSampler)
+
+    second = shutil.copytree(tiny_model_dir, tmp_path / "second")
+    fake.engines.clear()
+    pool = SamplerPool()
+    first_sampler = pool.sampler("vllm", str(tiny_model_dir), None, seed=1, **common)
+    assert pool.sampler("vllm", str(tiny_model_dir), None, seed=2, **common) is first_sampler
+    assert first_sampler.seed == 2 and fake.calls == []
+    assert pool.sampler("vllm", str(second), None, seed=3, **common) is first_sampler
+    assert fake.calls == [("reload_weights", {"weights_path": str(second)}), ("reset_prefix_cache", None)]
+    assert len(fake.engines) == 1
+    pool.release(first_sampler)
+    pool.close()
+    assert fake.cleanups == 1 and first_sampler.llm is None
+
+    pool = SamplerPool()
+    one = pool.sampler("transformers", str(tiny_model_dir), None, seed=0, **common)
+    assert pool.sampler("transformers", str(tiny_model_dir), None, seed=0, **common) is not one
+    pool.close()
 
 @pytest.mark.parametrize("return_stop", [True, False])
 def test_vllm_sampler_records_which_eos_id_stopped_each_completion(monkeypatch, two_eos_model_dir, return_stop):

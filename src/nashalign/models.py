@@ -33,6 +33,7 @@ __all__ = [
     "load_generation_config",
     "load_sequence_classifier",
     "load_tokenizer",
+    "local_directory",
     "release",
     "resolve_device",
 ]
@@ -223,6 +224,22 @@ def load_generation_config(spec: ModelSpec | str | Path):
         return GenerationConfig.from_pretrained(_location(spec, "model"), **kwargs)
     except OSError:
         return None
+
+
+def local_directory(spec: ModelSpec | str | Path, *, where: str = "model") -> Path:
+    """A directory holding the model's files, for engines that read them themselves (vLLM): the local
+    directory, or the hub id's snapshot in the Hugging Face cache (fetched into it first unless
+    HF_HUB_OFFLINE is set; the original/ consolidated checkpoints some repositories carry are skipped)."""
+    spec = as_spec(spec)
+    location = _location(spec, where)
+    if Path(location).is_dir():
+        return Path(location)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.name_or_path, revision=spec.revision, ignore_patterns=["original/*", "*.pth"]))
+    except _load_errors() as error:
+        raise _failure(spec, "model", where, error) from None
 
 
 def release(*holders: Any) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from nashalign.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from nashalign.mixture import geometric_mixture_logprobs
-from nashalign.sampling import TransformersSampler, _row_seeded_sampler, sample_seed
+from nashalign.sampling import TransformersSampler, sample_seed
 from nashalign.sharding import from_main
 
 if TYPE_CHECKING:
@@ -64,6 +64,37 @@ def _mixture_processor(ref_model, attention_mask, mixture_coef: float):
             return mixed.masked_fill(scores == -float("inf"), -float("inf"))
 
     return GeometricMixture()
+
+
+def _row_seeded_sampler(generators, temperature: float, top_p: float):
+    """A logits processor that draws each row's next token from that row's own generator (the mixture
+    sampler runs inside HF `generate`, whose processors see the mixed scores).
+
+    HF's `generate` draws all rows of a batch with one `torch.multinomial` on the global RNG, so
+    a sample would depend on its batch. This processor applies HF's own temperature and top-p
+    warpers, draws one token per row from the row's generator and returns scores that are -inf
+    everywhere except at the drawn token; `generate` then runs in greedy mode and picks exactly it.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p))
+
+    class RowSeededSampling(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            probs = torch.softmax(warpers(input_ids, scores).float(), dim=-1)
+            drawn = torch.cat(
+                [torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)]
+            )
+            chosen = torch.full_like(scores, float("-inf"))
+            chosen.scatter_(1, drawn[:, None], 0.0)
+            return chosen
+
+    return RowSeededSampling()
 
 
 class MixtureSampler(TransformersSampler):

@@ -96,7 +96,7 @@ from nashalign.prompts import (
     prompt_set,
     render_prompt,
 )
-from nashalign.sampling import Generation
+from nashalign.sampling import Generation, SamplerPool
 from nashalign.sharding import from_main, process_state, split_oracle
 from nashalign.trackers import IterationTrackers
 
@@ -120,7 +120,7 @@ class OnlineResult:
 
 
 def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], config: OnlineConfig, seed: int,
-              state, progress: bool, ref_path: str | None = None) -> list[list[dict]]:
+              state, progress: bool, pool, ref_path: str | None = None) -> list[list[dict]]:
     """Stage 1: K samples per prompt from the policy → `path` (one row per sample), in prompt order;
     with `ref_path`, from the geometric mixture of the policy and that reference (nash-md's opponents).
 
@@ -135,7 +135,7 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
         if not shard.exists():
             mine = list(range(rank, len(rendered), processes))
             rows = _sample(policy_path, tokenizer, [rendered[p] for p in mine], mine, config, seed, state,
-                           progress, ref_path) if mine else []
+                           progress, pool, ref_path) if mine else []
             write_jsonl(shard, rows)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -151,21 +151,21 @@ def _generate(path: Path, policy_path: str, tokenizer, rendered: list[str], conf
 
 
 def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int], config: OnlineConfig, seed: int,
-            state, progress: bool, ref_path: str | None = None) -> list[dict]:
+            state, progress: bool, pool, ref_path: str | None = None) -> list[dict]:
     """K samples of each prompt (keyed by its index in the file, which seeds its samples) as rows."""
-    from nashalign.sampling import TransformersSampler, make_sampler
+    from nashalign.sampling import TransformersSampler
 
     s = config.sampling
     if ref_path is not None:
         from nashalign.nash_md import sample_opponents
 
         return sample_opponents(policy_path, ref_path, tokenizer, prompts, indices, config, seed, state, progress)
-    # vLLM runs in one process only for now (run_online refuses backend "vllm" with several)
-    backend = "transformers" if s.backend == "auto" and state.num_processes > 1 else s.backend
-    sampler = make_sampler(
-        backend, config.model.spec(policy_path), tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, batch_size=s.batch_size, seed=seed,
-        tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto",
+    work = len(prompts) * s.samples_per_prompt * s.max_new_tokens * (config.run.iterations + 1)
+    sampler = pool.sampler(
+        s.backend, config.model.spec(policy_path), tokenizer, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=seed,
+        tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto", work_tokens=work,
+        llm_kwargs={"gpu_memory_utilization": s.gpu_memory_utilization, **s.engine_args},
     )
     if isinstance(sampler, TransformersSampler):
         sampler.model.to(state.device)  # this process's device (its own GPU under accelerate launch)
@@ -177,7 +177,7 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
         logger.info("%s", rate_line("sampling", len(prompts) * s.samples_per_prompt, "sample",
                                     time.perf_counter() - began, f"{tokens} tokens from {len(prompts)} prompts"
                                     + (" on this process" if state.num_processes > 1 else "")))
-    release(sampler)  # a vLLM engine is shut down; the caller's stage ends with release()
+    pool.release(sampler)  # a vLLM engine sleeps (its GPU memory freed) until the next sampling
     del sampler
     release()
     return [dataclasses.asdict(g) for group in groups for g in group]
@@ -282,7 +282,7 @@ def _train(pairs, logps, phase: TrainConfig, tokenizer, state) -> Path:
 
 
 def _win_rate(run_dir: Path, t: int, current: PromptSet, groups, oracle, config: OnlineConfig, tokenizer, state,
-              progress: bool) -> tuple[float, int]:
+              progress: bool, pool) -> tuple[float, int]:
     """The win rate of π_{t+1} over π_t and the comparisons it took: sample j of each prompt under
     π_{t+1} against sample j under π_t, judged by the oracle (P, not a draw), averaged.
 
@@ -295,7 +295,7 @@ def _win_rate(run_dir: Path, t: int, current: PromptSet, groups, oracle, config:
     else:
         path, seed = run_dir / f"iter_{t}" / "next_generations.jsonl", stage_seed(config.run.seed, t, 3)
     next_groups = _generate(path, policy_path(config, t + 1), tokenizer, current.rendered, config, seed, state,
-                            progress)
+                            progress, pool)
     first = [g["text"] for group in next_groups for g in group]
     second = [g["text"] for group in groups for g in group]
     prompts = [current.judge[p] for p, group in enumerate(groups) for _ in group]
@@ -389,57 +389,61 @@ def run_online(
 
     summaries: list[dict[str, Any]] = []
     trackers = IterationTrackers(config.output.report_to, run_dir, to_dict(config)) if state.is_main_process else None
-    for t in range(config.run.iterations):
-        it = run_dir / f"iter_{t}"
-        it.mkdir(exist_ok=True)
-        phase = phase_config(config, t)
-        current = prompts_of(t)
-        groups = _generate(it / "generations.jsonl", phase.model.name_or_path, tokenizer, current.rendered, config,
-                           stage_seed(config.run.seed, t, 0), state, progress)
-        opponents = None
-        if config.run.algorithm == "nash-md":
-            opponents = _generate(it / "opponents.jsonl", phase.model.name_or_path, tokenizer, current.rendered,
-                                  config, stage_seed(config.run.seed, t, 4), state, progress,
-                                  ref_path=reference_path(config, t))
-            pairs, stats = judge_opponents_stage(it, oracle, current.judge, groups, opponents, state)
-        else:
-            pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
-        release(oracle)  # judging is over: the judge's model leaves memory before scoring and training
-        if not pairs:
-            raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
-        tokenized, truncation = truncate_pairs(
-            tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id, opponents),
-            max_length=config.data.max_length,
-            max_prompt_length=config.data.max_prompt_length, bos_id=tokenizer.bos_token_id,
-        )
-        if truncation.truncated_prompts or truncation.truncated_responses or truncation.dropped:
-            logger.warning("iteration %d: data.max_length / data.max_prompt_length: %s", t, truncation.summary())
-        logps = _score(it, tokenized, phase, tokenizer, state)
-        final = _train(tokenized, logps, phase, tokenizer, state)
-        release()
-        if has_aux_phase(config, t):  # π̂_t from π̂_{t−1} on the same pairs and log-probs
-            _train(tokenized, logps, phase_config(config, t, aux=True), tokenizer, state)
-            release()  # the trained policy is on disk; its memory returns before the next sampling
+    pool = SamplerPool()  # keeps a vLLM engine across iterations (new weights in place); closed at the end
+    try:
+        for t in range(config.run.iterations):
+            it = run_dir / f"iter_{t}"
+            it.mkdir(exist_ok=True)
+            phase = phase_config(config, t)
+            current = prompts_of(t)
+            groups = _generate(it / "generations.jsonl", phase.model.name_or_path, tokenizer, current.rendered, config,
+                               stage_seed(config.run.seed, t, 0), state, progress, pool)
+            opponents = None
+            if config.run.algorithm == "nash-md":
+                opponents = _generate(it / "opponents.jsonl", phase.model.name_or_path, tokenizer, current.rendered,
+                                      config, stage_seed(config.run.seed, t, 4), state, progress, pool,
+                                      ref_path=reference_path(config, t))
+                pairs, stats = judge_opponents_stage(it, oracle, current.judge, groups, opponents, state)
+            else:
+                pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
+            release(oracle)  # judging is over: the judge's model leaves memory before scoring and training
+            if not pairs:
+                raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
+            tokenized, truncation = truncate_pairs(
+                tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id, opponents),
+                max_length=config.data.max_length,
+                max_prompt_length=config.data.max_prompt_length, bos_id=tokenizer.bos_token_id,
+            )
+            if truncation.truncated_prompts or truncation.truncated_responses or truncation.dropped:
+                logger.warning("iteration %d: data.max_length / data.max_prompt_length: %s", t, truncation.summary())
+            logps = _score(it, tokenized, phase, tokenizer, state)
+            final = _train(tokenized, logps, phase, tokenizer, state)
+            release()
+            if has_aux_phase(config, t):  # π̂_t from π̂_{t−1} on the same pairs and log-probs
+                _train(tokenized, logps, phase_config(config, t, aux=True), tokenizer, state)
+                release()  # the trained policy is on disk; its memory returns before the next sampling
 
-        if from_main(state, (it / "summary.json").exists):
-            row = read_json(it / "summary.json")
-        else:
-            calls_before = oracle.counts.judge_calls
-            win_rate, comparisons = None, 0
-            if config.summary.win_rate:
-                win_rate, comparisons = _win_rate(run_dir, t, current, groups, oracle, config, tokenizer, state,
-                                                  progress)
-                release(oracle)  # the judge's model is not kept through the next iteration's sampling
-            row = _summary_row(it, t, groups, stats, truncation, win_rate, comparisons,
-                               oracle.counts.judge_calls - calls_before)
+            if from_main(state, (it / "summary.json").exists):
+                row = read_json(it / "summary.json")
+            else:
+                calls_before = oracle.counts.judge_calls
+                win_rate, comparisons = None, 0
+                if config.summary.win_rate:
+                    win_rate, comparisons = _win_rate(run_dir, t, current, groups, oracle, config, tokenizer, state,
+                                                      progress, pool)
+                    release(oracle)  # the judge's model is not kept through the next iteration's sampling
+                row = _summary_row(it, t, groups, stats, truncation, win_rate, comparisons,
+                                   oracle.counts.judge_calls - calls_before)
+                if state.is_main_process:
+                    write_json(it / "summary.json", row)
+            summaries.append(row)
             if state.is_main_process:
-                write_json(it / "summary.json", row)
-        summaries.append(row)
-        if state.is_main_process:
-            _log_summary(row)
-            trackers.log_iteration(row, it / "train" / "metrics.jsonl")
-        if on_iteration is not None:
-            on_iteration(t, row, final)
+                _log_summary(row)
+                trackers.log_iteration(row, it / "train" / "metrics.jsonl")
+            if on_iteration is not None:
+                on_iteration(t, row, final)
+    finally:
+        pool.close()
     if trackers is not None:
         trackers.finish()
     state.wait_for_everyone()  # no process returns before the main process has written everything

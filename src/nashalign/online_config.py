@@ -93,6 +93,13 @@ class SamplingSettings:
     top_p: float = _field(1.0, "nucleus sampling mass", gt=0, le=1)
     batch_size: int = _field(16, "rows per generate call (transformers backend)", ge=1)
     tensor_parallel_size: int = _field(1, "GPUs per vLLM engine", ge=1)
+    gpu_memory_utilization: float = _field(
+        0.5, "vLLM on a GPU: share of its memory the engine takes (weights + KV cache)", gt=0, le=1
+    )
+    engine_args: dict[str, Any] = _field(
+        help="further vllm.LLM arguments (dtype, max_model_len, enforce_eager, enable_sleep_mode, ...)",
+        factory=dict,
+    )
     mixture_coef: float = _field(
         0.5, "nash-md: β, the opponent is sampled token by token from π_t^(1−β)·π_ref^β (normalized)", ge=0, le=1
     )
@@ -221,8 +228,9 @@ def _ignored_key(config: OnlineConfig) -> tuple[str, str] | None:
     backend = config.sampling.backend
     if backend == "vllm" and _changed(config.sampling, "batch_size"):
         return "sampling.batch_size", "read only by the transformers backend (vLLM batches by itself); remove it"
-    if backend == "transformers" and _changed(config.sampling, "tensor_parallel_size"):
-        return "sampling.tensor_parallel_size", "read only by the vllm backend; remove it"
+    for key in ("tensor_parallel_size", "gpu_memory_utilization", "engine_args"):
+        if backend == "transformers" and _changed(config.sampling, key):
+            return f"sampling.{key}", "read only by the vllm backend; remove it"
     return None
 
 

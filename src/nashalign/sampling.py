@@ -3,8 +3,12 @@
 Two backends share one interface (`generate(prompts, n) -> list[list[Generation]]` and
 `update_weights(model)`):
 
-- `TransformersSampler`: batched `model.generate` with the KV cache and left padding. Works everywhere.
-- `VLLMSampler`: vLLM's offline `LLM` engine; used when vLLM is installed and a CUDA GPU is visible.
+- `TransformersSampler`: batched decoding with the KV cache and left padding; each prompt is
+  computed once for its K samples. Works everywhere.
+- `nashalign.vllm_sampler.VLLMSampler`: vLLM's offline `LLM` engine, wherever vLLM is installed (its
+  GPU build, or its CPU build on x86).
+
+`make_sampler` picks one; `SamplerPool` keeps a vLLM engine for a whole run.
 
 Prompts are already-rendered prompt strings (chat template applied); they are tokenized without
 adding special tokens, because a rendered template already carries its own BOS.
@@ -16,13 +20,11 @@ the same seed gives the same samples for any `batch_size` and when only a subset
 generated again (as on resume), up to floating-point differences in the logits caused by a
 different amount of left padding (rare token flips, never seen on the tiny test models). Not
 reproducible across devices, dtypes, torch/transformers versions or attention kernels. The vLLM
-backend seeds each prompt's request from (seed, p) and vLLM gives its n children seeds
-seed_p + j; vLLM documents per-request seeds as reproducible on the same hardware and version.
+backend's seeding is described in nashalign.vllm_sampler.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -153,34 +155,21 @@ def _finish(
     return tokenizer.decode(kept), kept, "length", None
 
 
-def _row_seeded_sampler(generators, temperature: float, top_p: float):
-    """A logits processor that draws each row's next token from that row's own generator.
-
-    HF's `generate` draws all rows of a batch with one `torch.multinomial` on the global RNG, so
-    a sample would depend on its batch. This processor applies HF's own temperature and top-p
-    warpers, draws one token per row from the row's generator and returns scores that are -inf
-    everywhere except at the drawn token; `generate` then runs in greedy mode and picks exactly it.
-    """
+def _draw(logits, generators, temperature: float, top_p: float):
+    """The next token of each row: argmax when `generators` is None (greedy), else one draw per row
+    from softmax(logits / temperature) restricted to the top-p nucleus, with the row's own generator
+    (HF's own warpers), so a row's draw does not depend on the other rows of its batch."""
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    warpers = LogitsProcessorList()
+    if generators is None:
+        return logits.argmax(dim=-1)
     if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
+        logits = TemperatureLogitsWarper(temperature)(None, logits)
     if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=top_p))
-
-    class RowSeededSampling(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            probs = torch.softmax(warpers(input_ids, scores).float(), dim=-1)
-            drawn = torch.cat(
-                [torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)]
-            )
-            chosen = torch.full_like(scores, float("-inf"))
-            chosen.scatter_(1, drawn[:, None], 0.0)
-            return chosen
-
-    return RowSeededSampling()
+        logits = TopPLogitsWarper(top_p=top_p)(None, logits)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)])
 
 
 class TransformersSampler:
@@ -274,34 +263,66 @@ class TransformersSampler:
         return results
 
     def _generate_batch(self, texts, batch, keys, eos_ids) -> list[list[int]]:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        """Decode one batch of rows (prompt p, sample j) with the KV cache; `texts[i]` is row i's prompt.
 
-        pad_id = self.tokenizer.pad_token_id
+        Each distinct prompt of the batch is computed once (left-padded prefill) and its cache rows
+        are copied to its samples (the KV cache is expanded, not the prompt repeated). Rows that have
+        produced EOS leave the batch. Positions follow the attention mask, so left padding does not
+        shift them. Returns each row's new ids (EOS-terminated, or max_new_tokens long).
+        """
+        import inspect
+
+        import torch
+        from transformers import DynamicCache
+
         device = self.model.device
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = {k: v.to(device) for k, v in encoded.items()}
-        processors = LogitsProcessorList()
+        pad_id = self.tokenizer.pad_token_id
+        cache = DynamicCache()  # filled in place by every forward; newer transformers call the argument `cache`
+        cache_arg = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
+        distinct = list(dict.fromkeys(texts))
+        encoded = self.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False)
+        rows = torch.tensor([distinct.index(text) for text in texts], device=device)
+        mask = encoded["attention_mask"].to(device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        generators = None
         if self.temperature > 0:
-            generators = []
-            for p, j in batch:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(sample_seed(self.seed, keys[p], j))
-                generators.append(generator)
-            processors.append(_row_seeded_sampler(generators, self.temperature, self.top_p))
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=list(eos_ids),
-            pad_token_id=pad_id,
-            suppress_tokens=None if pad_id in eos_ids else [pad_id],
-        )
+            generators = [
+                torch.Generator(device=device).manual_seed(sample_seed(self.seed, keys[p], j)) for p, j in batch
+            ]
+        eos = torch.tensor(list(eos_ids), device=device)
+        new_ids: list[list[int]] = [[] for _ in batch]
+        active = list(range(len(batch)))  # batch rows still decoding, in cache order
         with torch.inference_mode():
-            output = self.model.generate(**encoded, generation_config=config, logits_processor=processors)
-        prompt_length = encoded["input_ids"].shape[1]
-        return output[:, prompt_length:].tolist()
+            out = self.model(
+                input_ids=encoded["input_ids"].to(device), attention_mask=mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **cache_arg,
+            )
+            logits = out.logits[:, -1]
+            cache.reorder_cache(rows)
+            logits, mask, last = logits[rows], mask[rows], positions[rows, -1]
+            for step in range(self.max_new_tokens):
+                if pad_id not in eos_ids:
+                    logits[:, pad_id] = float("-inf")
+                drawn = _draw(logits, generators, self.temperature, self.top_p)
+                for row, token in zip(active, drawn.tolist()):
+                    new_ids[row].append(token)
+                going = ~torch.isin(drawn, eos)
+                if step == self.max_new_tokens - 1 or not going.any():
+                    break
+                if not going.all():
+                    keep = going.nonzero().flatten()
+                    cache.reorder_cache(keep)
+                    drawn, mask, last = drawn[keep], mask[keep], last[keep]
+                    active = [active[i] for i in keep.tolist()]
+                    generators = None if generators is None else [generators[i] for i in keep.tolist()]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                last = last + 1
+                out = self.model(
+                    input_ids=drawn[:, None], attention_mask=mask, position_ids=last[:, None],
+                    use_cache=True, **cache_arg,
+                )
+                logits = out.logits[:, -1]
+        return new_ids
 
 
 def _load_causal_lm(model):
@@ -318,164 +339,8 @@ def _generation_config(model):
     return load_generation_config(model)
 
 
-def vllm_available() -> tuple[bool, str]:
-    """(True, "") when vLLM imports and a CUDA GPU is visible, else (False, the reason)."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return False, "vLLM is not installed (install the 'vllm' extra: pip install 'nashalign[vllm]')"
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "vLLM needs a CUDA GPU and torch sees none"
-    try:
-        import vllm  # noqa: F401
-    except Exception as error:  # a broken install raises anything from ImportError to RuntimeError
-        return False, f"vLLM is installed but failed to import: {type(error).__name__}: {error}"
-    return True, ""
-
-
-class VLLMSampler:
-    """Sampling with vLLM's offline engine (`vllm.LLM`), reloaded from disk for every new policy.
-
-    Args:
-        model_path: a Hugging Face checkpoint directory (weights + config); also used for the
-            tokenizer unless `tokenizer_path` is given.
-        max_new_tokens, temperature, top_p, seed: as for `TransformersSampler` (temperature 0 is
-            greedy). `batch_size` does not exist here: vLLM schedules its own batches.
-        tensor_parallel_size: GPUs per engine.
-        llm_kwargs: further `vllm.LLM` arguments (dtype, gpu_memory_utilization, max_model_len, ...).
-
-    `update_weights(path)` frees the current engine (`cleanup_dist_env_and_memory`) and builds a new
-    one from the new checkpoint: the simplest way to load new weights that works across vLLM
-    versions; it costs an engine start per iteration. The pad token is not suppressed here.
-    """
-
-    def __init__(
-        self,
-        model_path,
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        tokenizer_path=None,
-        llm_kwargs: dict | None = None,
-    ):
-        _check_sampling_args(max_new_tokens, temperature, top_p, seed)
-        available, reason = vllm_available()
-        if not available:
-            raise NashalignError(f"sampling: the vLLM backend is unavailable: {reason}")
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise NashalignError(f"sampling: tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
-        self.max_new_tokens = max_new_tokens
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.seed = seed
-        self.tensor_parallel_size = tensor_parallel_size
-        self.tokenizer_path = tokenizer_path
-        self.llm_kwargs = dict(llm_kwargs or {})
-        self.llm = None
-        self._load(model_path)
-
-    def _load(self, model_path) -> None:
-        from vllm import LLM
-
-        from nashalign.models import as_spec, load_tokenizer
-
-        spec = as_spec(model_path)
-        tokenizer_spec = spec.replace(name_or_path=str(self.tokenizer_path)) if self.tokenizer_path else spec
-        self.tokenizer = load_tokenizer(tokenizer_spec, where="sampling", pad_fallback=False)
-        options = {"revision": spec.revision} if spec.revision else {}
-        if spec.dtype != "auto":
-            options["dtype"] = spec.dtype
-        self.llm = LLM(
-            model=spec.name_or_path,
-            tokenizer=tokenizer_spec.name_or_path,
-            tensor_parallel_size=self.tensor_parallel_size,
-            seed=self.seed,
-            trust_remote_code=spec.trust_remote_code,
-            **{**options, **self.llm_kwargs},
-        )
-        self.eos_ids = stop_token_ids(spec, self.tokenizer)
-
-    def _stop_token(self, completion) -> int:
-        """The stop token of a completion that vLLM reports stopped without returning the token:
-        its `stop_reason` names a stop_token_ids hit, None means the tokenizer's EOS."""
-        stop_reason = getattr(completion, "stop_reason", None)
-        if isinstance(stop_reason, int):
-            return stop_reason
-        eos = self.tokenizer.eos_token_id
-        return self.eos_ids[0] if eos is None else eos
-
-    def close(self) -> None:
-        """Free the engine and its GPU memory."""
-        if self.llm is None:
-            return
-        self.llm = None
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-        except ImportError:  # older layouts export it from vllm.distributed only
-            from vllm.distributed import cleanup_dist_env_and_memory
-        cleanup_dist_env_and_memory()
-
-    def update_weights(self, model) -> None:
-        """Reload the engine from the checkpoint directory `model` (a path; a live module cannot be
-        handed to a vLLM engine, so save it with `save_pretrained` first)."""
-        if not isinstance(model, (str, Path, ModelSpec)):
-            raise NashalignError(
-                "sampling: the vLLM backend loads weights from a checkpoint directory; pass its path"
-            )
-        self.close()
-        self._load(model)
-
-    def generate(
-        self,
-        prompts: list[str],
-        n: int,
-        *,
-        progress: bool = True,
-        prompt_indices: Sequence[int] | None = None,
-    ) -> list[list[Generation]]:
-        """Same contract as `TransformersSampler.generate`."""
-        from vllm import SamplingParams
-
-        keys = _check_generate_args(prompts, n, prompt_indices)
-        requests = [
-            {"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
-            for prompt in prompts
-        ]
-        greedy = self.temperature == 0
-        # vLLM refuses n > 1 (and top_p < 1) with greedy decoding: ask once and copy, as transformers does.
-        params = [
-            SamplingParams(
-                n=1 if greedy else n,
-                temperature=self.temperature,
-                top_p=1.0 if greedy else self.top_p,
-                max_tokens=self.max_new_tokens,
-                stop_token_ids=list(self.eos_ids),
-                seed=sample_seed(self.seed, key) >> 32,
-            )
-            for key in keys
-        ]
-        outputs = self.llm.generate(requests, params, use_tqdm=progress)
-        results = []
-        for key, output in zip(keys, outputs):
-            completions = sorted(output.outputs, key=lambda c: c.index)
-            if greedy:
-                completions = completions * n
-            row = []
-            for j, completion in enumerate(completions):
-                text, kept, reason, stop = _finish(
-                    completion.token_ids, self.eos_ids, self.max_new_tokens, self.tokenizer
-                )
-                if completion.finish_reason == "stop" and stop is None:  # the stop token was not returned
-                    reason, stop = "stop", self._stop_token(completion)
-                row.append(Generation(key, j, text, kept, reason, stop))
-            results.append(row)
-        return results
+# `backend: auto` starts a vLLM engine only for at least this many sampled tokens (see make_sampler).
+VLLM_MIN_WORK_TOKENS = 32768
 
 
 def make_sampler(
@@ -491,16 +356,23 @@ def make_sampler(
     tensor_parallel_size: int = 1,
     fallback_to_transformers: bool = False,
     llm_kwargs: dict | None = None,
-) -> TransformersSampler | VLLMSampler:
-    """Build a sampler.
+    work_tokens: int | None = None,
+):
+    """Build a sampler: a `TransformersSampler`, or a `nashalign.vllm_sampler.VLLMSampler`.
 
     backend:
         "transformers": `model` is a `PreTrainedModel` (with `tokenizer`) or a checkpoint directory.
-        "vllm": `model` must be a checkpoint directory. When vLLM is unavailable (not installed, fails
-            to import, or no CUDA GPU) this raises NashalignError with the reason, unless
+        "vllm": `model` must be a checkpoint directory. When vLLM is unavailable (not installed or
+            fails to import) this raises NashalignError with the reason, unless
             `fallback_to_transformers` is True: then it logs a warning and returns a
             TransformersSampler instead.
-        "auto": vLLM when it is available and `model` is a checkpoint directory, else transformers.
+        "auto": vLLM when it is available, `model` is a checkpoint directory and the work pays for
+            the engine's start: `work_tokens` (the tokens the caller expects to sample with this
+            engine, prompts × K × max_new_tokens summed over its uses; None: unknown, counts as
+            enough) is at least VLLM_MIN_WORK_TOKENS. Else transformers. The rule: an engine start
+            costs about a minute on a CPU (less on a GPU), and vLLM samples about 2-3× faster than
+            the transformers sampler on a CPU, so it pays off from about 30k sampled tokens on a
+            ~60M model on 2 cores (docs/performance.md).
     """
     if backend not in ("transformers", "vllm", "auto"):
         raise NashalignError(f"sampling: backend must be 'transformers', 'vllm' or 'auto', got {backend!r}")
@@ -509,7 +381,10 @@ def make_sampler(
         raise NashalignError(
             "sampling: the vLLM backend loads weights from a checkpoint directory; pass its path"
         )
-    if backend != "transformers" and is_path:
+    worth_an_engine = backend == "vllm" or work_tokens is None or work_tokens >= VLLM_MIN_WORK_TOKENS
+    if backend != "transformers" and is_path and worth_an_engine:
+        from nashalign.vllm_sampler import VLLMSampler, vllm_available
+
         available, reason = vllm_available()
         if available:
             return VLLMSampler(
@@ -548,3 +423,37 @@ def make_sampler(
         batch_size=batch_size,
         seed=seed,
     )
+
+
+class SamplerPool:
+    """The samplers of one run. A vLLM engine is built once and kept: each later request for
+    another checkpoint loads its weights in place (`update_weights`) and takes the call's seed, and
+    the engine sleeps between uses where sleep mode is on. Transformers samplers are built per
+    request (loading a small checkpoint costs little). `close()` shuts the engine down."""
+
+    def __init__(self):
+        self._engine = None
+        self._engine_path: str | None = None
+
+    def sampler(self, backend, model_path: str, tokenizer, *, seed: int, **settings):
+        """A sampler for `model_path`; `settings` are `make_sampler`'s keyword arguments."""
+        if self._engine is not None and backend != "transformers":
+            if model_path != self._engine_path:
+                self._engine.update_weights(model_path)
+                self._engine_path = model_path
+            self._engine.seed = seed
+            return self._engine
+        sampler = make_sampler(backend, model_path, tokenizer, seed=seed, **settings)
+        if not isinstance(sampler, TransformersSampler):
+            self._engine, self._engine_path = sampler, model_path
+        return sampler
+
+    def release(self, sampler) -> None:
+        """The caller is done with `sampler` for now."""
+        if sampler is self._engine:
+            sampler.sleep()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
