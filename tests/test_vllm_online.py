@@ -35,7 +35,7 @@ PROMPTS, K = 4, 4
 def _config(root: Path, model_dir: Path, name: str, iterations: int = 2) -> Path:
     mapping = {
         "model": {"name_or_path": str(model_dir)},
-        "oracle": {"type": "python", "function": "slow_judge:prefer_vowels"},
+        "oracle": {"type": "python", "function": "vowel_judge:prefer_vowels"},
         "run": {"name": name, "dir": str(root / "runs"), "iterations": iterations, "seed": 3},
         "prompts": {"file": str(root / "prompts.jsonl")},
         "sampling": {"backend": "vllm", "samples_per_prompt": K, "max_new_tokens": 8, "engine_args": ENGINE_ARGS},
