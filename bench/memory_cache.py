@@ -2,12 +2,12 @@
 
     python bench/memory_cache.py [--seq 512] [--pairs 4] [--steps 2] [--threads 2]
 
-Builds three ~60M-parameter Llama models with a 32k vocabulary (nashalign.tiny.build_model with
+Builds three ~60M-parameter Llama models with a 32k vocabulary (nashalign.models.tiny.build_model with
 hidden 512, 8 layers, 8 heads): the policy, a reference and a previous iterate, saved to a temporary
 directory. Then runs each mode in its own fresh process and reports that process's peak resident set
 size (VmHWM), so neither mode sees the other's allocations:
 
-- cached:    nashalign.train.train_pairs with loss inpo: π_ref and π_t are loaded one at a time,
+- cached:    nashalign.train.loop.train_pairs with loss inpo: π_ref and π_t are loaded one at a time,
              score the pairs into the log-prob cache in inference mode and are deleted; then the
              policy trains alone. Reported: the peak up to the last optimizer step (scoring and
              training) and the peak of the whole process (plus the end-of-run checkpoint and final/).
@@ -52,7 +52,7 @@ def peak_rss_mib() -> float:
 def make_pairs(seq: int, count: int):
     import torch
 
-    from nashalign.data import TokenizedPair
+    from nashalign.data.tokenization import TokenizedPair
 
     generator = torch.Generator().manual_seed(0)
     half = seq // 2
@@ -64,7 +64,7 @@ def make_pairs(seq: int, count: int):
 
 
 def build(directory: Path) -> None:
-    from nashalign.tiny import build_model, build_tokenizer
+    from nashalign.models.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     for seed, name in enumerate(("policy", "ref", "prev")):
@@ -79,7 +79,7 @@ def run_cached(directory: Path, args) -> dict:
     from transformers import AutoTokenizer
 
     from nashalign.config import TrainConfig, from_mapping
-    from nashalign.train import train_pairs
+    from nashalign.train.loop import train_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
     config = from_mapping(TrainConfig, {
@@ -101,9 +101,9 @@ def run_in_memory(directory: Path, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nashalign.data import collate_pairs
-    from nashalign.logprobs import pair_logps
-    from nashalign.losses import make_loss
+    from nashalign.core.losses import make_loss
+    from nashalign.data.logprobs import pair_logps
+    from nashalign.data.tokenization import collate_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
     policy, ref, prev = (AutoModelForCausalLM.from_pretrained(directory / name) for name in ("policy", "ref", "prev"))
@@ -133,7 +133,7 @@ def run_in_memory(directory: Path, args) -> dict:
 def child(mode: str, directory: Path, args) -> None:
     import torch
 
-    import nashalign.train  # noqa: F401 -- the imports both modes pay, in the baseline
+    import nashalign.train.loop  # noqa: F401 -- the imports both modes pay, in the baseline
 
     torch.set_num_threads(args.threads)
     baseline = peak_rss_mib()

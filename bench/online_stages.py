@@ -4,12 +4,12 @@
     .venv/bin/python bench/online_stages.py --size 60m
     .venv-vllm/bin/python bench/online_stages.py --size 60m --backend vllm
 
-Builds the model locally (nashalign.tiny; the 60m size has a 32k vocabulary: the tiny tokenizer padded
+Builds the model locally (nashalign.models.tiny; the 60m size has a 32k vocabulary: the tiny tokenizer padded
 with extra tokens), writes chat prompts, and runs `run_online` for one iteration with K = 8 samples per
 prompt and the paper's tournament pairs. The oracle is a cheap Python preference (shorter response
 wins, ties broken by text), so judging time here is the loop's own overhead; a model judge adds its
 forward passes (see the oracle measurements in the issue notes). Each stage function of
-nashalign.online is wrapped with a timer; the table goes to stdout. With `--backend vllm` the
+nashalign.online.loop is wrapped with a timer; the table goes to stdout. With `--backend vllm` the
 sampling stage includes the engine's start (float32, eager mode; its worker bound to `--threads`
 cores) and the in-place weight update to π_1.
 """
@@ -50,11 +50,11 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
-    from nashalign import online
-    from nashalign.artifacts import write_jsonl
     from nashalign.config import from_mapping
-    from nashalign.oracles import PythonOracle
-    from nashalign.tiny import build_model, build_tokenizer
+    from nashalign.data.artifacts import write_jsonl
+    from nashalign.judges.oracles import PythonOracle
+    from nashalign.models.tiny import build_model, build_tokenizer
+    from nashalign.online import loop as online
 
     size = dict(SIZES[args.size])
     workdir = Path(tempfile.mkdtemp(prefix="nashalign-bench-"))

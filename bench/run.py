@@ -96,7 +96,7 @@ def child(side: str, directory: Path, workload: Workload, threads: int) -> dict:
     from bench import sides
 
     if side != "peak":
-        import nashalign.train  # noqa: F401 -- imports every side pays, inside the baseline
+        import nashalign.train.loop  # noqa: F401 -- imports every side pays, inside the baseline
     baseline = peak_rss_mib()
     load_before = load_average()
     if side == "peak":

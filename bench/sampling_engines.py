@@ -49,7 +49,7 @@ def prompts(length: str, vocab_size: int) -> list[str]:
 
 
 def save_models(directory: Path) -> None:
-    from nashalign.tiny import build_model
+    from nashalign.models.tiny import build_model
 
     workload = WORKLOADS["chat60m"]
     tokenizer = word_tokenizer(workload.vocab_size)
@@ -82,7 +82,7 @@ def side_generate(directory: Path, texts: list[str]) -> dict:
 
 
 def side_sampler(directory: Path, texts: list[str]) -> dict:
-    from nashalign.sampling import make_sampler
+    from nashalign.sampling.engines import make_sampler
 
     sampler = make_sampler("transformers", str(directory / "a"), max_new_tokens=NEW_TOKENS, batch_size=PROMPTS * K,
                            seed=0)
@@ -95,7 +95,7 @@ def side_sampler(directory: Path, texts: list[str]) -> dict:
 def side_vllm(directory: Path, texts: list[str], threads: int) -> dict:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    from nashalign.sampling import make_sampler
+    from nashalign.sampling.engines import make_sampler
 
     start = time.perf_counter()
     sampler = make_sampler("vllm", str(directory / "a"), max_new_tokens=NEW_TOKENS, seed=0,

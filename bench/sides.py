@@ -36,11 +36,11 @@ def step_work(workload: Workload) -> list[dict[str, int]]:
     responses    C + R: the positions nashalign projects onto the vocabulary
     padded       2B × longest row: what a padded batch runs (collate_pairs, TRL)
     srpo_packed, srpo_responses   the same two for srpo's three pairs per record (the pair and both
-                 responses as revisions of each: nashalign.srpo.revision_pairs, the default revision prompt)
+                 responses as revisions of each: nashalign.train.srpo.revision_pairs, the default revision prompt)
     """
-    from nashalign.data import TokenizedPair
-    from nashalign.packing import packed_length
-    from nashalign.srpo import revision_format, revision_pairs
+    from nashalign.data.packing import packed_length
+    from nashalign.data.tokenization import TokenizedPair
+    from nashalign.train.srpo import revision_format, revision_pairs
 
     records = token_records(workload)
     tokenizer = word_tokenizer(workload.vocab_size)
@@ -66,8 +66,8 @@ def _nashalign_pairs(directory: Path, workload: Workload):
     """The records tokenized by nashalign (as a user would), checked against the generated ids."""
     from transformers import AutoTokenizer
 
-    from nashalign.data import tokenize_records
-    from nashalign.records import parse_record
+    from nashalign.data.records import parse_record
+    from nashalign.data.tokenization import tokenize_records
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
     records = [parse_record(row, f"records[{i}]")[0] for i, row in enumerate(text_records(workload))]
@@ -87,8 +87,8 @@ def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: 
     kB … (k+1)B-1, as TRL's sequential sampler does, so both sides see the same batches.
     health: the z-loss (weight 1e-4) and the largest attention logit probed at every step (the
     default probes every 10th step); without it, neither (log Z statistics are always logged)."""
-    from nashalign import train
     from nashalign.config import TrainConfig, from_mapping
+    from nashalign.train import loop as train
 
     tokenizer, pairs = _nashalign_pairs(directory, workload)
     seed = 0
@@ -127,7 +127,7 @@ def nashalign_train(directory: Path, workload: Workload, *, loss: str, packing: 
         scoring.append(time.perf_counter() - began)
         return result
 
-    # Wrapped where train_pairs looks them up (module globals of nashalign.train).
+    # Wrapped where train_pairs looks them up (module globals of nashalign.train.loop).
     train._optimizer_step, train.reference_logps = timed_step, timed_scoring
     began = time.perf_counter()
     train.train_pairs(str(directory / "policy"), arranged, config, directory / f"run-{loss}-{packing}",
@@ -218,10 +218,10 @@ def inpo_in_memory(directory: Path, workload: Workload, *, packing: bool) -> dic
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nashalign.data import collate_pairs
-    from nashalign.logprobs import pair_logps
-    from nashalign.losses import make_loss
-    from nashalign.packing import pack_pairs
+    from nashalign.core.losses import make_loss
+    from nashalign.data.logprobs import pair_logps
+    from nashalign.data.packing import pack_pairs
+    from nashalign.data.tokenization import collate_pairs
 
     tokenizer, pairs = _nashalign_pairs(directory, workload)
     policy, ref, prev = (AutoModelForCausalLM.from_pretrained(directory / name) for name in ("policy", "ref", "prev"))
@@ -253,13 +253,13 @@ def inpo_in_memory(directory: Path, workload: Workload, *, packing: bool) -> dic
 
 
 def generation(directory: Path, workload: Workload, repeats: int = 2) -> dict:
-    """Sampled tokens per second, nashalign.sampling.TransformersSampler vs plain `model.generate`, on
+    """Sampled tokens per second, nashalign.sampling.engines.TransformersSampler vs plain `model.generate`, on
     the first `generation_prompts` prompts, `new_tokens` new tokens each (temperature 1, one sample
     per prompt, one batch). Both run `repeats` times, alternating; tokens are counted up to EOS."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nashalign.sampling import TransformersSampler
+    from nashalign.sampling.engines import TransformersSampler
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
     model = AutoModelForCausalLM.from_pretrained(directory / "policy").eval()

@@ -98,7 +98,7 @@ def word_tokenizer(vocab_size: int):
 
 def save_models(workload: Workload, directory: Path) -> dict[str, int]:
     """policy/, ref/ and prev/ (three seeds of the workload's model) with the word tokenizer; parameter counts."""
-    from nashalign.tiny import build_model
+    from nashalign.models.tiny import build_model
 
     tokenizer = word_tokenizer(workload.vocab_size)
     counts = {}

@@ -43,14 +43,14 @@ def _torch_threads():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from nashalign.tiny import build_tokenizer
+    from nashalign.models.tiny import build_tokenizer
 
     return build_tokenizer()
 
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    from nashalign.tiny import build_model
+    from nashalign.models.tiny import build_model
 
     return build_model(tiny_tokenizer)
 
@@ -58,7 +58,7 @@ def tiny_model(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny model + tokenizer saved in Hugging Face format (read-only for tests: copy to modify)."""
-    from nashalign.tiny import save_tiny
+    from nashalign.models.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_model"))
 
@@ -76,7 +76,7 @@ def two_eos_model_dir(tmp_path_factory):
     """
     import torch
 
-    from nashalign.tiny import build_model, build_tokenizer
+    from nashalign.models.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})

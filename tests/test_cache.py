@@ -1,4 +1,4 @@
-"""nashalign.cache: model fingerprints, the on-disk log-prob cache, and scoring only the misses."""
+"""nashalign.data.cache: model fingerprints, the on-disk log-prob cache, and scoring only the misses."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from torch.testing import assert_close
 
-from nashalign import cache as cache_module
-from nashalign.cache import CacheFileWarning, LogpCache, model_fingerprint, score_pairs
-from nashalign.data import TokenizedPair, collate_pairs
-from nashalign.logprobs import pair_logps
+from nashalign.data import cache as cache_module
+from nashalign.data.cache import CacheFileWarning, LogpCache, model_fingerprint, score_pairs
+from nashalign.data.logprobs import pair_logps
+from nashalign.data.tokenization import TokenizedPair, collate_pairs
 
 FINGERPRINT = "ab" * 32
 
@@ -139,7 +139,7 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("nashalign.artifacts.os.replace", failing_replace)
+    monkeypatch.setattr("nashalign.data.artifacts.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         cache.store(FINGERPRINT, [key(1)], [-3.0], [-4.0])
     monkeypatch.undo()
@@ -170,7 +170,7 @@ def test_fingerprint_is_a_content_hash(tiny_model, tiny_tokenizer, monkeypatch):
     """Equal for equal content (a copy, a fresh build with the same seed, any hashing block size,
     runtime-only config switches, a torch.compile wrapper); different after any change of a weight,
     of the config, or of the dtype."""
-    from nashalign.tiny import build_model
+    from nashalign.models.tiny import build_model
 
     reference = model_fingerprint(tiny_model)
     assert len(reference) == 64
@@ -281,7 +281,7 @@ def test_without_a_cache_every_call_scores(tiny_model):
 def test_scoring_uses_eval_mode_and_restores_the_mode(tiny_tokenizer, tmp_path):
     """A model with attention dropout 0.5 left in train mode: scored in eval mode (equal to pair_logps
     in eval mode, 1e-5), and still in train mode afterwards."""
-    from nashalign.tiny import build_model
+    from nashalign.models.tiny import build_model
 
     model = build_model(tiny_tokenizer)
     model.config.attention_dropout = 0.5

@@ -13,7 +13,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from nashalign import NashalignError
-from nashalign.checkpoint import (
+from nashalign.train.checkpoint import (
     COMPLETE_MARKER,
     atomic_directory,
     checkpoint_name,

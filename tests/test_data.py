@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nashalign import NashalignError
-from nashalign.data import (
+from nashalign.data.tokenization import (
     PreferenceRecord,
     TokenizedPair,
     collate_pairs,
@@ -273,7 +273,7 @@ def test_malformed_file_raises_one_error_listing_the_first_problems():
 
 def test_malformed_file_skip_mode_counts_and_logs(caplog):
     """on_error='skip': the valid records load; the skip count, each reason and the warning are logged."""
-    with caplog.at_level(logging.WARNING, logger="nashalign.records"):
+    with caplog.at_level(logging.WARNING, logger="nashalign.data.records"):
         records = load_records(DATA / "malformed.jsonl", on_error="skip")
     assert [r.source.rsplit(":", 1)[1] for r in records] == ["1", "14", "29"]
     bad = len({line for line, _ in MALFORMED_EXPECTED})
@@ -544,7 +544,7 @@ SPACE_TEMPLATE = (
 @pytest.fixture(scope="module")
 def space_tokenizer():
     """The tiny byte-level BPE (trained here with `tokenizers`) with SPACE_TEMPLATE."""
-    from nashalign.tiny import build_tokenizer
+    from nashalign.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = SPACE_TEMPLATE
@@ -585,11 +585,11 @@ def test_generation_prompt_ending_inside_a_token_is_tokenized_separately(space_t
 
 def test_separately_tokenized_pairs_train_on_the_context_the_policy_generates_from(space_tokenizer):
     """The point of tokenizing separately: a pair's prompt ids are exactly the ids the online loop and
-    the sampler feed the policy (nashalign.prompts: the rendered prompt tokenized without added
+    the sampler feed the policy (nashalign.online.prompts: the rendered prompt tokenized without added
     special tokens), trailing 'Ġ' included, and prompt + response decode to the rendered
     conversation (up to the response's EOS). (TRL 1.16 instead cuts the prompt at the common token
     prefix, dropping that 'Ġ' from the training context, and warns that it differs from inference.)"""
-    from nashalign.prompts import render_prompt
+    from nashalign.online.prompts import render_prompt
 
     tok = space_tokenizer
     rows = [
@@ -645,7 +645,7 @@ def test_records_that_cannot_fit_are_dropped_counted_and_logged(tiny_tokenizer, 
         {"prompt": "What is the capital of France?", "chosen": " Paris", "rejected": " London"},
         {"prompt": "Explain gradient descent.", "chosen": " Paris", "rejected": " London"},
     ]
-    with caplog.at_level(logging.WARNING, logger="nashalign.data"):
+    with caplog.at_level(logging.WARNING, logger="nashalign.data.tokenization"):
         pairs, report = tokenize_records(load_records(rows), tok, max_length=7)
     assert [p.source for p in pairs] == ["records[1]"]
     assert report.dropped == ["records[0]"] and report.total == 2 and report.kept == 1

@@ -1,5 +1,5 @@
 """Deep input: a JSON value nested thousands of levels deep (json.loads raises RecursionError) or merely
-deeper than nashalign.json_input.MAX_DEPTH (100) is one NashalignError naming the file and the line,
+deeper than nashalign.data.json_input.MAX_DEPTH (100) is one NashalignError naming the file and the line,
 in every reader: preference records (JSONL, JSON, Parquet, datasets folders, lists), prompts, the
 labels file, game files and the loop's JSON artifacts (which eval also reads for baseline responses).
 """
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nashalign import NashalignError
-from nashalign.json_input import MAX_DEPTH, RECURSION, TOO_DEEP, load_json, nested_too_deep
+from nashalign.data.json_input import MAX_DEPTH, RECURSION, TOO_DEEP, load_json, nested_too_deep
 
 GOOD = '{"prompt": "Hi", "chosen": " yes", "rejected": " no"}'
 
@@ -68,7 +68,7 @@ def test_nested_too_deep_counts_the_deepest_branch(shallow, deep):
 
 @pytest.mark.parametrize("depth", [150, 3000])
 def test_jsonl_record_too_deep_is_a_problem_of_its_line(depth, tmp_path, caplog):
-    from nashalign.data import load_records
+    from nashalign.data.tokenization import load_records
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(f"{GOOD}\n{deep_record(depth)}\n{GOOD}\n")
@@ -82,7 +82,7 @@ def test_jsonl_record_too_deep_is_a_problem_of_its_line(depth, tmp_path, caplog)
 
 
 def test_json_file_too_deep_for_the_parser_names_the_line(tmp_path):
-    from nashalign.data import load_records
+    from nashalign.data.tokenization import load_records
 
     path = tmp_path / "pairs.json"
     path.write_text(f"[\n{GOOD},\n{deep_record(3000)}\n]\n")
@@ -92,7 +92,7 @@ def test_json_file_too_deep_for_the_parser_names_the_line(tmp_path):
 
 def test_json_list_with_one_record_too_deep_names_the_record(tmp_path):
     """Parsed (150 levels), then refused record by record: the other records still load with skip."""
-    from nashalign.data import load_records
+    from nashalign.data.tokenization import load_records
 
     path = tmp_path / "pairs.json"
     path.write_text(f"[{GOOD},\n{deep_record(150)}]")
@@ -102,7 +102,7 @@ def test_json_list_with_one_record_too_deep_names_the_record(tmp_path):
 
 
 def test_list_of_dicts_too_deep_is_a_problem():
-    from nashalign.data import load_records
+    from nashalign.data.tokenization import load_records
 
     rows = [json.loads(GOOD), {**json.loads(GOOD), "meta": nested_value(5000)}]
     with pytest.raises(NashalignError, match=r"records\[1\]: lists/objects nested more than 100"):
@@ -114,7 +114,7 @@ def test_parquet_too_deep_is_one_error_naming_the_file(tmp_path):
     import pyarrow
     import pyarrow.parquet
 
-    from nashalign.data import load_records
+    from nashalign.data.tokenization import load_records
 
     path = tmp_path / "pairs.parquet"
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{**json.loads(GOOD), "meta": nested_value(200)}]), path)
@@ -148,7 +148,7 @@ def test_datasets_folder_whose_reading_recurses_too_far_is_one_error(tmp_path):
     too far, which is one error naming the folder; with the normal limit it loads."""
     import datasets
 
-    from nashalign.data import read_records
+    from nashalign.data.tokenization import read_records
 
     folder = tmp_path / "pairs"
     datasets.Dataset.from_list([{**json.loads(GOOD), "meta": nested_value(40)}]).save_to_disk(str(folder))
@@ -162,7 +162,7 @@ def test_datasets_folder_whose_reading_recurses_too_far_is_one_error(tmp_path):
 
 
 def test_prompts_file_too_deep_names_the_line(tmp_path):
-    from nashalign.prompts import PromptsConfig, load_prompts
+    from nashalign.online.prompts import PromptsConfig, load_prompts
 
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "Hi"}\n{"prompt": "Hi", "meta": ' + nested_text(3000) + "}\n")
@@ -173,7 +173,7 @@ def test_prompts_file_too_deep_names_the_line(tmp_path):
 def test_prompts_file_with_invalid_json_names_the_line(tmp_path):
     """Not nesting, but the same path through read_rows: an undecodable line is named as such (it
     used to be reported as a missing 'prompt' field)."""
-    from nashalign.prompts import PromptsConfig, load_prompts
+    from nashalign.online.prompts import PromptsConfig, load_prompts
 
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "Hi"}\n{"prompt": \n')
@@ -182,7 +182,7 @@ def test_prompts_file_with_invalid_json_names_the_line(tmp_path):
 
 
 def test_labels_file_too_deep_names_the_line(tmp_path):
-    from nashalign.oracles import read_labels
+    from nashalign.judges.oracles import read_labels
 
     path = tmp_path / "labels.jsonl"
     row = {"prompt": "p", "first": "a", "second": "b", "label": "first"}
@@ -193,7 +193,7 @@ def test_labels_file_too_deep_names_the_line(tmp_path):
 
 
 def test_game_file_too_deep_names_the_line(tmp_path):
-    from nashalign.games import load_game
+    from nashalign.core.games import load_game
 
     path = tmp_path / "game.json"
     path.write_text('{\n"names": ["a", "b"],\n"P": ' + nested_text(3000, "0.5") + "\n}")
@@ -202,7 +202,7 @@ def test_game_file_too_deep_names_the_line(tmp_path):
 
 
 def test_jsonl_and_json_artifacts_too_deep_name_the_line(tmp_path):
-    from nashalign.artifacts import read_json, read_jsonl
+    from nashalign.data.artifacts import read_json, read_jsonl
 
     lines = tmp_path / "responses.jsonl"
     lines.write_text('{"response": "a"}\n{"response": ' + nested_text(3000) + "}\n")

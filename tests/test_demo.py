@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from nashalign.core.games import find_cycle
 from nashalign.demo import (
     DemoSettings,
     FamilyGameOracle,
@@ -16,7 +17,6 @@ from nashalign.demo import (
     format_demo_table,
     run_demo,
 )
-from nashalign.games import find_cycle
 
 
 def test_every_family_is_a_condorcet_cycle_and_the_oracle_is_symmetric():
@@ -70,8 +70,8 @@ def test_demo_runs_inpo_with_refresh_and_optimistic_inpo_beside_inpo(tmp_path):
     """Same seed, same start: iteration 0 of inpo, inpo-refresh (π_ref ← π_t every iteration) and
     inpo-optimistic (plain INPO at t = 0) trains the same π_1; from iteration 1 they differ. Every row
     carries the unregularized gap DG₀, ≥ 0 and equal to the mean of 2·max_y (Pπ)(y) − 1 at π_0."""
+    from nashalign.core.games import unregularized_gap
     from nashalign.demo import answer_distributions
-    from nashalign.games import unregularized_gap
 
     settings = DemoSettings(output_dir=str(tmp_path / "demo"), iterations=2, families=1, sft_steps=30,
                             samples_per_prompt=4, hidden_size=32, epochs=1, refresh_every=1,

@@ -47,19 +47,19 @@ class _Interrupted(Exception):
 def _worker(config_path: str, record_dir: str, stop_at: int) -> None:
     """Run inside each launched process: train, recording the pairs this process scores; stop after
     step `stop_at` on every process (as a kill after the step would)."""
-    import nashalign.cache
+    import nashalign.data.cache
     from nashalign.config import TrainConfig, load_config
-    from nashalign.train import train
+    from nashalign.train.loop import train
 
     rank = int(os.environ["RANK"])
-    score_pairs = nashalign.cache.score_pairs
+    score_pairs = nashalign.data.cache.score_pairs
 
     def recording(model, pairs, **kwargs):
         with open(Path(record_dir) / f"scored-rank{rank}.jsonl", "a", encoding="utf-8") as out:
             out.write(json.dumps([pair.content_hash() for pair in pairs]) + "\n")
         return score_pairs(model, pairs, **kwargs)
 
-    nashalign.cache.score_pairs = recording
+    nashalign.data.cache.score_pairs = recording
 
     def stop(step: int, metrics: dict) -> None:
         if step == stop_at:
@@ -110,7 +110,7 @@ def _write_config(path: Path, model_dir: Path, pairs: Path, run_dir: Path, per_d
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     from nashalign.config import TrainConfig, load_config
-    from nashalign.train import train
+    from nashalign.train.loop import train
 
     root = tmp_path_factory.mktemp("distributed")
     pairs = root / "pairs.jsonl"
@@ -189,7 +189,7 @@ def test_scoring_is_split_between_processes_and_equals_one_process(runs):
     them), once: the resumed run found them all in the cache. The cached log-probs equal those the
     1-process run computed (one cache file, same fingerprint, same pairs, within float32 noise
     of different padding)."""
-    from nashalign.cache import LogpCache
+    from nashalign.data.cache import LogpCache
 
     scored = {rank: [json.loads(line) for line in (runs["records"] / f"scored-rank{rank}.jsonl").read_text().splitlines()]
               for rank in (0, 1)}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nashalign.artifacts import write_jsonl
 from nashalign.cli import main
+from nashalign.data.artifacts import write_jsonl
 
 PLUGINS = Path(__file__).parent / "plugins"
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from nashalign.answers import markdown_counts
-from nashalign.artifacts import read_jsonl, write_jsonl
 from nashalign.cli import main
+from nashalign.data.artifacts import read_jsonl, write_jsonl
+from nashalign.eval.answers import markdown_counts
 
 
 def _greedy(model_dir, instruction: str, max_new_tokens: int) -> str:

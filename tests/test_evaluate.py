@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from nashalign import NashalignError
-from nashalign.evaluate import (
+from nashalign.eval.metrics import (
     exact_duality_gap_of_lm,
     idealized_ranking_accuracy,
     kl_from_samples,

@@ -47,9 +47,9 @@ def _worker(config_path: str, record: str, kill_after: int) -> None:
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    from nashalign import engine_checkpoint
-    from nashalign import train as train_module
     from nashalign.config import TrainConfig, load_config
+    from nashalign.train import engine_checkpoint
+    from nashalign.train import loop as train_module
 
     make_accelerator, save = train_module._make_accelerator, engine_checkpoint.save_training_checkpoint
 
@@ -112,7 +112,7 @@ def _write_config(path: Path, model_dir: Path, pairs: Path, run_dir: Path, per_d
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     from nashalign.config import TrainConfig, load_config
-    from nashalign.train import train
+    from nashalign.train.loop import train
 
     root = tmp_path_factory.mktemp("fsdp")
     pairs = root / "pairs.jsonl"
@@ -174,7 +174,7 @@ def test_fsdp_checkpoints_hold_the_full_optimizer_state_by_parameter_name(runs, 
     """The newest checkpoints (8 and 12) each hold the whole model in Hugging Face format and AdamW's
     moments for every parameter, full-sized (gathered from both shards) and keyed by its name; the
     per-step metrics equal the 1-process run's."""
-    from nashalign.checkpoint import list_checkpoints, load_state_dict
+    from nashalign.train.checkpoint import list_checkpoints, load_state_dict
 
     names = [p.name for p in list_checkpoints(runs["sharded"] / "checkpoints")]
     assert names == ["step_00000008", "step_00000012"]

@@ -12,10 +12,10 @@ import pytest
 from numpy.testing import assert_allclose
 
 from nashalign import cli
-from nashalign import games as g
-from nashalign import tabular as tb
 from nashalign.commands.game import shown_iterations, trend
-from nashalign.tabular import run_algorithms
+from nashalign.core import games as g
+from nashalign.core import tabular as tb
+from nashalign.core.tabular import run_algorithms
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

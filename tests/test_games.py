@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from nashalign import NashalignError
-from nashalign import games as g
+from nashalign.core import games as g
 
 
 def _random_games(seed: int, count: int, n: int):

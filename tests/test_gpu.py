@@ -53,7 +53,7 @@ def test_bf16_training_steps_on_cuda_track_float32(tiny_model_dir, tmp_path):
     """Three DPO steps on the GPU with bfloat16 autocast: the model runs on CUDA, the weights stay
     float32 and move, and each step's loss equals the float32 run's to bfloat16 precision (8
     significant bits: relative 2e-2 leaves room for the rounding of a 2-layer forward pass)."""
-    from nashalign.train import train
+    from nashalign.train.loop import train
 
     torch.cuda.reset_peak_memory_stats()
     bf16 = train(_train_config(tiny_model_dir, tmp_path / "bf16", mixed_precision="bf16"))
@@ -76,7 +76,7 @@ def test_vllm_sampler_with_tensor_parallelism_matches_transformers_and_reloads(t
     """Greedy decoding with vLLM over 2 GPUs (float32) gives the token ids transformers' greedy
     decoding gives, for model A and, after update_weights, for model B (another seed), whose
     continuations differ from A's. The models have head size 64, which vLLM's kernels support."""
-    from nashalign.sampling import make_sampler
+    from nashalign.sampling.engines import make_sampler
 
     first, second = _save_sampling_model(tmp_path / "a", seed=0), _save_sampling_model(tmp_path / "b", seed=1)
     prompts = ["The quick brown fox", "What is the capital of France?", "Numbers: 1 2 3"]
@@ -106,7 +106,7 @@ def _save_sampling_model(directory: Path, seed: int) -> Path:
     """A tiny Llama whose output row for the pad token is zero: that logit is 0 while the largest of
     the other ~500 random logits is positive, so pad never wins an argmax (the transformers sampler
     suppresses pad, vLLM does not, and greedy decoding must not depend on that difference)."""
-    from nashalign.tiny import build_model, build_tokenizer
+    from nashalign.models.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=256, num_heads=4, num_layers=2, seed=seed)
@@ -156,7 +156,7 @@ def _check_sharded_run(run_dir: Path, model_dir: Path, processes: int) -> None:
     """24 pairs at 2 x 2 x processes a step; one metrics line per step with a finite loss; the last
     step's checkpoint is complete; final/ has the full weights (the gathered state dict, not one
     process's shard), and they moved."""
-    from nashalign.checkpoint import checkpoint_name, latest_checkpoint
+    from nashalign.train.checkpoint import checkpoint_name, latest_checkpoint
 
     steps = math.ceil(24 / (4 * processes))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -188,7 +188,7 @@ def _resume_worker(config_path: str, kill_after: int) -> None:
     import signal
 
     from nashalign.config import TrainConfig, load_config
-    from nashalign.train import train
+    from nashalign.train.loop import train
 
     def kill(step: int, metrics: dict) -> None:
         if step == kill_after:
@@ -221,7 +221,7 @@ def test_killed_deepspeed_phase_resumes_to_the_uninterrupted_weights(stage, tiny
     DeepSpeed) and ends with the uninterrupted run's weights (1e-5) and per-step losses."""
     import yaml
 
-    from nashalign.checkpoint import checkpoint_name, list_checkpoints
+    from nashalign.train.checkpoint import checkpoint_name, list_checkpoints
 
     runs = {}
     for name, kill_after in (("whole", 0), ("killed", 3)):
@@ -271,9 +271,9 @@ def test_online_stages_return_cuda_memory_to_the_pre_stage_level(tiny_model_dir,
     starts, the memory allocated on the device is what it was before the loop (no sampler, judge or
     scoring model left), and so it is after the loop."""
     sys.path.insert(0, str(Path(__file__).parent))
-    import nashalign.train as train
+    import nashalign.train.loop as train
     from nashalign.config import from_mapping
-    from nashalign.online import OnlineConfig, run_online
+    from nashalign.online.loop import OnlineConfig, run_online
     from test_online import _config
 
     torch.cuda.empty_cache()

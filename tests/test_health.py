@@ -1,4 +1,4 @@
-"""Training-health signals: the z-loss, log Z statistics and the largest attention logit (nashalign.health)."""
+"""Training-health signals: the z-loss, log Z statistics and the largest attention logit (nashalign.train.health)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from nashalign.config import TrainConfig, from_mapping
-from nashalign.data import collate_pairs, tokenize_records
-from nashalign.health import AttentionLogitProbe
-from nashalign.logprobs import selective_log_softmax_and_logsumexp
-from nashalign.losses import z_loss
-from nashalign.records import parse_record
-from nashalign.train import batch_losses, build_loss, train_pairs
+from nashalign.core.losses import z_loss
+from nashalign.data.logprobs import selective_log_softmax_and_logsumexp
+from nashalign.data.records import parse_record
+from nashalign.data.tokenization import collate_pairs, tokenize_records
+from nashalign.train.health import AttentionLogitProbe
+from nashalign.train.loop import batch_losses, build_loss, train_pairs
 
 
 def test_logsumexp_and_z_loss_by_hand():
@@ -118,7 +118,7 @@ def test_metrics_carry_the_health_signals(tmp_path, tiny_tokenizer):
     a z-loss weight lowers |log Z| compared with the same run without it."""
     import json
 
-    from nashalign.tiny import save_tiny
+    from nashalign.models.tiny import save_tiny
 
     model_dir = save_tiny(tmp_path / "model")
     records = [parse_record({"prompt": f"Q{i}:", "chosen": " yes", "rejected": " no no"}, f"r{i}")[0] for i in range(8)]

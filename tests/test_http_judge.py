@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 from nashalign import NashalignError
-from nashalign.http_judge import CACHE_FILE, HttpJudgeOracle
-from nashalign.oracles import build_oracle
+from nashalign.judges.http_judge import CACHE_FILE, HttpJudgeOracle
+from nashalign.judges.oracles import build_oracle
 
 TEMPLATE = "P: {prompt}\nX: {first}\nY: {second}"
 BIAS = 0.5

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from nashalign.artifacts import read_json, read_jsonl, write_jsonl
+from nashalign.data.artifacts import read_json, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).parent / "plugins"
@@ -28,8 +28,8 @@ PLUGINS = Path(__file__).parent / "plugins"
 
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory, tiny_model_dir):
-    from nashalign.models import load_tokenizer
-    from nashalign.tiny import write_hub_cache
+    from nashalign.models.loader import load_tokenizer
+    from nashalign.models.tiny import write_hub_cache
 
     cache = tmp_path_factory.mktemp("hub") / "cache"
     write_hub_cache(tiny_model_dir, cache, "acme/tiny-chat")

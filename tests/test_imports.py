@@ -16,7 +16,7 @@ def _all_modules():
 
 def test_every_module_imports():
     names = list(_all_modules())
-    assert {"nashalign.cli", "nashalign.losses", "nashalign.online", "nashalign.commands.game"} <= set(names)
+    assert {"nashalign.cli", "nashalign.core.losses", "nashalign.online.loop", "nashalign.commands.game"} <= set(names)
     for name in names:
         importlib.import_module(name)
 

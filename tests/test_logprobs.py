@@ -1,4 +1,4 @@
-"""nashalign.logprobs: the chunked log-softmax and the response log-probs against naive paths."""
+"""nashalign.data.logprobs: the chunked log-softmax and the response log-probs against naive paths."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nashalign import NashalignError
-from nashalign.logprobs import (
+from nashalign.data.logprobs import (
     _projects_only_kept_positions,
     pair_logps,
     position_ids_from_mask,

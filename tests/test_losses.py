@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from nashalign import NashalignError
-from nashalign.losses import (
+from nashalign.core.losses import (
     LOSSES,
     TENSOR_INPUTS,
     TOKEN_INPUTS,

@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from nashalign import NashalignError
-from nashalign.mixture import geometric_mixture_logprobs
+from nashalign.core.mixture import geometric_mixture_logprobs
 
 
 def test_hand_values_on_two_tokens():

@@ -1,4 +1,4 @@
-"""The one model loader (nashalign.models) and model lifetimes in the online loop.
+"""The one model loader (nashalign.models.loader) and model lifetimes in the online loop.
 
 In-process tests use local directories; hub ids are tested the way users hit them in
 tests/test_hub_models.py (a local Hugging Face cache, HF_HUB_OFFLINE=1, the CLI in a subprocess).
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nashalign import NashalignError
-from nashalign.models import (
+from nashalign.models.loader import (
     ModelSpec,
     as_spec,
     load_causal_lm,
@@ -96,7 +96,7 @@ def test_a_pair_model_judge_holds_its_model_only_while_judging(tiny_model_dir):
     """Built from a config, the judge reads the model's config now, loads the weights on its first
     call, drops them on release() (nothing else holds them) and loads them again when asked again;
     the answers are the same before and after."""
-    from nashalign.oracles import build_oracle
+    from nashalign.judges.oracles import build_oracle
 
     oracle = build_oracle({"type": "pair_model", "path": str(tiny_model_dir), "device": "cpu", "dtype": "float32"})
     assert not oracle.loaded
@@ -127,10 +127,10 @@ def test_release_closes_what_it_is_given():
 def test_no_judge_sampler_or_scoring_model_is_alive_while_training(tmp_path, tiny_model_dir, monkeypatch):
     """Two online iterations with a pair-model judge: when each training phase starts, every model
     the loop loaded before it (the sampler's policy, the judge, the scoring models) is gone."""
-    import nashalign.models as models
-    import nashalign.train as train
+    import nashalign.models.loader as models
+    import nashalign.train.loop as train
     from nashalign.config import from_mapping
-    from nashalign.online import OnlineConfig, run_online
+    from nashalign.online.loop import OnlineConfig, run_online
     from test_online import _config
 
     loaded: list[tuple[str, weakref.ref]] = []

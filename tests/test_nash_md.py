@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nashalign.mixture import geometric_mixture_logprobs
-from nashalign.nash_md import MixtureSampler, _mixture_processor
-from nashalign.sampling import TransformersSampler
-from nashalign.tiny import build_model
+from nashalign.core.mixture import geometric_mixture_logprobs
+from nashalign.models.tiny import build_model
+from nashalign.online.nash_md import MixtureSampler, _mixture_processor
+from nashalign.sampling.engines import TransformersSampler
 
 PROMPTS = ["Question 1: yes or no?", "Hi", "A much longer prompt with many more words in it, to pad the others"]
 SETTINGS = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 3, "seed": 7}

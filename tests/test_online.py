@@ -20,10 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nashalign.artifacts import read_json, read_jsonl, write_jsonl
 from nashalign.config import from_mapping
-from nashalign.online import OnlineConfig, run_online
-from nashalign.oracles import GameOracle
+from nashalign.data.artifacts import read_json, read_jsonl, write_jsonl
+from nashalign.judges.oracles import GameOracle
+from nashalign.online.loop import OnlineConfig, run_online
 
 ANSWERS = ["yes", "no", "maybe", "good", "bad"]
 GAME_P = [  # a rock-paper-scissors cycle over yes/no/maybe, good/bad lose to all of them
@@ -113,10 +113,10 @@ def _check_scoring_roles(config, run_dir: Path, initial: Path) -> None:
     the two roles differ (the check tells them apart)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nashalign.data import collate_pairs
-    from nashalign.logprobs import pair_logps
-    from nashalign.online import tokenized_pairs
-    from nashalign.prompts import prompt_set
+    from nashalign.data.logprobs import pair_logps
+    from nashalign.data.tokenization import collate_pairs
+    from nashalign.online.loop import tokenized_pairs
+    from nashalign.online.prompts import prompt_set
 
     tokenizer = AutoTokenizer.from_pretrained(initial)
     for t in range(config.run.iterations):
@@ -192,9 +192,9 @@ def test_pairs_are_scored_on_the_eos_id_that_stopped_each_sample(tmp_path, two_e
 
     # Trained on the same sequences: the training phase's data fingerprint is that of the pairs built
     # here by hand from the generations, each stopped response followed by "<|eot|>".
-    from nashalign.checkpoint import latest_checkpoint, load_trainer_state
-    from nashalign.data import TokenizedPair
-    from nashalign.train import _data_fingerprint
+    from nashalign.data.tokenization import TokenizedPair
+    from nashalign.train.checkpoint import latest_checkpoint, load_trainer_state
+    from nashalign.train.loop import _data_fingerprint
 
     def response_ids(sample):
         return sample["token_ids"] + ([eot] if sample["finish_reason"] == "stop" else [])
@@ -300,7 +300,7 @@ def test_dry_run_counts_equal_the_uninterrupted_run(uninterrupted, capsys):
     calls; the judge calls are exactly 2 (both orders) per comparison of two different texts."""
     from nashalign.cli import main
     from nashalign.config import load_config
-    from nashalign.online_plan import plan_online
+    from nashalign.online.plan import plan_online
 
     config_file = uninterrupted / "config.yaml"
     plan = plan_online(load_config(OnlineConfig, config_file))

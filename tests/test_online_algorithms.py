@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nashalign.artifacts import read_json, read_jsonl
 from nashalign.config import from_mapping
-from nashalign.online import OnlineConfig, run_online
-from nashalign.oracles import GameOracle
+from nashalign.data.artifacts import read_json, read_jsonl
+from nashalign.judges.oracles import GameOracle
+from nashalign.online.loop import OnlineConfig, run_online
 from test_online import ANSWERS, GAME_P, _config
 
 

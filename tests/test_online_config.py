@@ -15,9 +15,8 @@ import yaml
 
 from nashalign import NashalignError
 from nashalign.config import TrainConfig, config_keys, from_mapping, load_config, to_dict
-from nashalign.data import TokenizedPair, truncate_pairs
-from nashalign.online import OnlineConfig, phase_config
-from nashalign.online_config import (
+from nashalign.data.tokenization import TokenizedPair, truncate_pairs
+from nashalign.online.config import (
     aux_policy_path,
     config_change,
     has_aux_phase,
@@ -25,6 +24,7 @@ from nashalign.online_config import (
     reference_path,
     stage_seed,
 )
+from nashalign.online.loop import OnlineConfig, phase_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": {"name_or_path": "acme/tiny-chat"}, "run": {"name": "r", "dir": "/nonexistent/runs", "seed": 7},

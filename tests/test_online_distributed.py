@@ -46,17 +46,17 @@ class _Stopped(Exception):
 def _worker(config_path: str) -> None:
     """Inside each launched process: the online loop, stopped after training step 1 on every
     process (as a kill right after the step would, but at the same point on both)."""
-    import nashalign.train
+    import nashalign.train.loop
     from nashalign.config import load_config
-    from nashalign.online import OnlineConfig, run_online
+    from nashalign.online.loop import OnlineConfig, run_online
 
-    train_pairs = nashalign.train.train_pairs
+    train_pairs = nashalign.train.loop.train_pairs
 
     def stop(step: int, metrics: dict) -> None:
         if step == 1:
             raise _Stopped
 
-    nashalign.train.train_pairs = lambda *args, **kwargs: train_pairs(*args, **kwargs, callback=stop)
+    nashalign.train.loop.train_pairs = lambda *args, **kwargs: train_pairs(*args, **kwargs, callback=stop)
     try:
         run_online(load_config(OnlineConfig, config_path))
     except _Stopped:
@@ -116,9 +116,9 @@ def _judge_rows(records: Path) -> dict[int, list[int]]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    from nashalign.artifacts import write_jsonl
     from nashalign.config import load_config
-    from nashalign.online import OnlineConfig, run_online
+    from nashalign.data.artifacts import write_jsonl
+    from nashalign.online.loop import OnlineConfig, run_online
 
     root = tmp_path_factory.mktemp("online_distributed")
     write_jsonl(root / "prompts.jsonl", ({"prompt": [{"role": "user", "content": f"Question {i}: yes or no?"}]}
@@ -150,7 +150,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 def _rows(path: Path) -> list[dict]:
-    from nashalign.artifacts import read_jsonl
+    from nashalign.data.artifacts import read_jsonl
 
     return read_jsonl(path)
 

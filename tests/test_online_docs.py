@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from nashalign.config import config_keys, config_reference
-from nashalign.online import OnlineConfig
+from nashalign.online.loop import OnlineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ def test_online_docs_match_the_config_tree():
     assert match, "docs/online.md has no generated config reference block"
     assert match.group(1) == config_reference(OnlineConfig), (
         "regenerate with: python -c 'from nashalign.config import config_reference; "
-        "from nashalign.online import OnlineConfig; print(config_reference(OnlineConfig))'"
+        "from nashalign.online.loop import OnlineConfig; print(config_reference(OnlineConfig))'"
     )
     keys = set(config_keys(OnlineConfig))
     sections = {key.split(".")[0] for key in keys}

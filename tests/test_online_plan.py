@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from nashalign.artifacts import read_json, read_jsonl, write_jsonl
 from nashalign.cli import main
 from nashalign.config import from_mapping
-from nashalign.online import OnlineConfig, format_summary_table, run_online
-from nashalign.online_plan import judge_orders, plan_online
+from nashalign.data.artifacts import read_json, read_jsonl, write_jsonl
+from nashalign.online.loop import OnlineConfig, format_summary_table, run_online
+from nashalign.online.plan import judge_orders, plan_online
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -74,7 +74,7 @@ def test_plan_of_nash_md_counts_the_opponents_and_one_comparison_per_sample(tmp_
     assert first["train"]["loss"] == "nash-md"
     assert plan["total"]["samples"] == 80 + 80 + 40  # the last summary samples π_2 once more
     assert plan["total"]["comparisons_max"] == 2 * (40 + 40)
-    from nashalign.online_plan import format_plan
+    from nashalign.online.plan import format_plan
 
     assert "40 opponents from the mixture" in format_plan(plan)
 
@@ -132,7 +132,7 @@ def test_win_rate_off_samples_and_judges_nothing_more(tmp_path, tiny_model_dir, 
     monkeypatch.delitem(sys.modules, "vowel_judge", raising=False)
     from vowel_judge import prefer_vowels
 
-    from nashalign.oracles import PythonOracle
+    from nashalign.judges.oracles import PythonOracle
 
     mapping = _mapping(tmp_path, prompts=3, model={"name_or_path": str(tiny_model_dir)}, run={"iterations": 1},
                        sampling={"samples_per_prompt": 4, "max_new_tokens": 6},

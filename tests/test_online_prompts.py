@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from nashalign import NashalignError
-from nashalign.artifacts import read_json, read_jsonl, write_jsonl
 from nashalign.config import from_mapping, load_config
-from nashalign.online import OnlineConfig, PromptsConfig, prompt_file, run_online
-from nashalign.oracles import PythonOracle
+from nashalign.data.artifacts import read_json, read_jsonl, write_jsonl
+from nashalign.judges.oracles import PythonOracle
+from nashalign.online.loop import OnlineConfig, PromptsConfig, prompt_file, run_online
 
 
 def test_file_and_files_are_exclusive(tmp_path):

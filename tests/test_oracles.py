@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nashalign import NashalignError
-from nashalign.model_oracles import PairModelOracle, RewardModelOracle
-from nashalign.oracles import (
+from nashalign.judges.model_judges import PairModelOracle, RewardModelOracle
+from nashalign.judges.oracles import (
     GameOracle,
     PreferenceOracle,
     ScoringOracle,

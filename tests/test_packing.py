@@ -1,4 +1,4 @@
-"""nashalign.packing: prefix-shared, padding-free pair batches score exactly like the naive batches."""
+"""nashalign.data.packing: prefix-shared, padding-free pair batches score exactly like the naive batches."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from nashalign import NashalignError, packing
-from nashalign.data import TokenizedPair, collate_pairs
-from nashalign.logprobs import pair_logps
-from nashalign.packing import (
+from nashalign import NashalignError
+from nashalign.data import packing
+from nashalign.data.logprobs import pair_logps
+from nashalign.data.packing import (
     CHOSEN,
     PAD,
     PROMPT,
@@ -31,6 +31,7 @@ from nashalign.packing import (
     pair_spans,
     uses_attention_interface,
 )
+from nashalign.data.tokenization import TokenizedPair, collate_pairs
 
 PATHS = ("spans", "dense")
 
@@ -241,7 +242,7 @@ def test_packed_attention_refuses_what_it_cannot_do():
 def test_eager_attention_gets_an_additive_mask(tiny_tokenizer):
     """On the dense path an eager-attention model adds the mask to its scores: it gets 0 / finfo.min,
     and scores the packed batch like the naive one (1e-5)."""
-    from nashalign.tiny import build_model
+    from nashalign.models.tiny import build_model
 
     model = build_model(tiny_tokenizer)
     model.config._attn_implementation = "eager"
@@ -315,7 +316,7 @@ def test_extra_numbers_are_collated_like_collate_pairs():
 
 def test_scoring_through_the_cache_with_packed_batches(tiny_model):
     """score_pairs with pack_pairs as its collate function returns the default collation's sums (1e-5)."""
-    from nashalign.cache import score_pairs
+    from nashalign.data.cache import score_pairs
 
     pairs = random_pairs(6, 7)
     default = score_pairs(tiny_model, pairs, batch_size=3, progress=False)
@@ -329,11 +330,11 @@ def test_trainer_with_packing_logs_the_same_steps(tiny_model_dir, tmp_path, monk
     """Two INPO optimizer steps (4 pairs in 2 micro-batches, then 2 pairs) with data.packing on and off: the
     same per-step loss, log-probs and gradient norm (1e-5 relative), and the same token count
     (prompt + chosen + prompt + rejected, whatever the layout). The packed run did pack (3 calls)."""
-    from nashalign import objectives
     from nashalign.config import TrainConfig, from_mapping
-    from nashalign.train import train_pairs
+    from nashalign.train import objectives
+    from nashalign.train.loop import train_pairs
 
-    packed_batches = []  # training micro-batches are laid out by the objective (nashalign.objectives)
+    packed_batches = []  # training micro-batches are laid out by the objective (nashalign.train.objectives)
     monkeypatch.setattr(objectives, "pack_pairs", lambda chunk, pad_id: packed_batches.append(chunk) or pack_pairs(chunk, pad_id))
     pairs = random_pairs(7, 6)
     runs = {}
@@ -364,7 +365,7 @@ def test_transformers_private_attention_reader_exists(tiny_model):
 
     assert isinstance(getattr(PretrainedConfig, "_attn_implementation", None), property), (
         "transformers no longer has PretrainedConfig._attn_implementation, which "
-        "nashalign.packing.attention_implementation reads"
+        "nashalign.data.packing.attention_implementation reads"
     )
     assert packing.attention_implementation(tiny_model.config) == "sdpa"
 

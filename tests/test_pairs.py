@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nashalign import NashalignError
-from nashalign.oracles import GameOracle
-from nashalign.pairs import all_pairs, best_vs_worst, make_pairs, tournament
+from nashalign.judges.oracles import GameOracle
+from nashalign.judges.pairs import all_pairs, best_vs_worst, make_pairs, tournament
 
 NAMES = [f"response {i}" for i in range(16)]
 
@@ -214,7 +214,7 @@ def test_best_vs_worst_uses_rewards_of_a_reward_model(tiny_tokenizer):
     comparisons, and win rates mean_k≠i σ(r_i − r_k)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from nashalign.model_oracles import RewardModelOracle
+    from nashalign.judges.model_judges import RewardModelOracle
 
     config = LlamaConfig(
         vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

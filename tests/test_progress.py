@@ -14,9 +14,9 @@ import numpy as np
 import yaml
 
 from nashalign import progress
-from nashalign.artifacts import write_jsonl
-from nashalign.oracles import Oracle
-from nashalign.pairs import make_pairs
+from nashalign.data.artifacts import write_jsonl
+from nashalign.judges.oracles import Oracle
+from nashalign.judges.pairs import make_pairs
 
 
 class _BatchedJudge(Oracle):

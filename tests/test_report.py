@@ -2,7 +2,7 @@
 
 import re
 
-from nashalign.report import write_report
+from nashalign.eval.report import write_report
 
 
 def _series():

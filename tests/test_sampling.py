@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from nashalign import NashalignError
-from nashalign.sampling import (
+from nashalign.sampling.engines import (
     Generation,
     TransformersSampler,
     make_sampler,
     sample_seed,
 )
-from nashalign.vllm_sampler import vllm_available
+from nashalign.sampling.vllm_engine import vllm_available
 
 PROMPTS = ["Paris", "What is the capital of France?", "The quick brown fox jumps over the lazy"]
 
@@ -290,7 +290,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tiny_model, tiny_tokenizer):
 
 def test_update_weights(tiny_tokenizer, tiny_model_dir):
     """After update_weights the sampler follows the new policy (a live module or a checkpoint path)."""
-    from nashalign.tiny import build_model
+    from nashalign.models.tiny import build_model
 
     first, second = build_model(tiny_tokenizer, seed=0), build_model(tiny_tokenizer, seed=1)
     sampler = TransformersSampler(first, tiny_tokenizer, max_new_tokens=6, temperature=0.0)
@@ -353,7 +353,7 @@ def test_make_sampler_backends(tiny_model, tiny_tokenizer, tiny_model_dir, caplo
     assert reason
     with pytest.raises(NashalignError, match="vllm.*unavailable"):
         make_sampler("vllm", tiny_model_dir, **common)
-    with caplog.at_level(logging.WARNING, logger="nashalign.sampling"):
+    with caplog.at_level(logging.WARNING, logger="nashalign.sampling.engines"):
         fallback = make_sampler("vllm", tiny_model_dir, fallback_to_transformers=True, **common)
     assert isinstance(fallback, TransformersSampler)
     assert "transformers instead" in caplog.text
@@ -441,7 +441,7 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
     assert vllm_available() == (True, "")
 
     sampler = make_sampler("vllm", tiny_model_dir, max_new_tokens=4, seed=7, tensor_parallel_size=2)
-    from nashalign.vllm_sampler import VLLMSampler
+    from nashalign.sampling.vllm_engine import VLLMSampler
 
     assert isinstance(sampler, VLLMSampler)
     assert fake.engines[0].kwargs["model"] == str(tiny_model_dir)
@@ -502,8 +502,8 @@ def test_auto_rule_and_sampler_pool_with_a_fake_engine(monkeypatch, tiny_tokeniz
     each call's seed, and shuts it down on close; transformers samplers are built per call."""
     import shutil
 
-    from nashalign.sampling import VLLM_MIN_WORK_TOKENS, SamplerPool
-    from nashalign.vllm_sampler import VLLMSampler
+    from nashalign.sampling.engines import VLLM_MIN_WORK_TOKENS, SamplerPool
+    from nashalign.sampling.vllm_engine import VLLMSampler
 
     fake = FakeVLLM([tiny_tokenizer.eos_token_id])
     for name, module in fake.modules.items():

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from nashalign.config import TrainConfig, load_config
-from nashalign.online import OnlineConfig, phase_config
+from nashalign.online.loop import OnlineConfig, phase_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "scaling.md"
@@ -95,7 +95,7 @@ def test_every_config_named_in_scaling_docs_exists_and_loads(name, monkeypatch):
 def test_the_three_prompt_splits_of_the_docs_are_the_configs():
     """The documented `prompts.files` block is the paper config's, one file per iteration, and
     each iteration t reads its own file (the final policy's samples reuse the last)."""
-    from nashalign.online import prompt_file
+    from nashalign.online.loop import prompt_file
 
     block = DOC.read_text().split("### Three prompt splits", 1)[1].split("###", 1)[0]
     documented = yaml.safe_load(re.search(r"    prompts:\n(?:      .*\n)+", block).group(0))["prompts"]["files"]
@@ -175,8 +175,8 @@ def test_paper_config_holds_the_papers_setting(monkeypatch):
     gradient checkpointing, vLLM sampling; the global batch, per-device batch × accumulation ×
     the processes of the ZeRO-3 config it is launched with, is 128; DeepSpeed clips at
     optim.max_grad_norm."""
-    from nashalign.model_oracles import PairModelConfig
-    from nashalign.oracles import parse_config
+    from nashalign.judges.model_judges import PairModelConfig
+    from nashalign.judges.oracles import parse_config
 
     config = load_config(OnlineConfig, PAPER_CONFIG)
     assert config.run.algorithm == "inpo" and phase_config(config, 0).loss.name == "inpo"

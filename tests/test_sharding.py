@@ -1,4 +1,4 @@
-"""nashalign.sharding in one process (the degenerate case of the same code), and the sampling stage's
+"""nashalign.online.sharding in one process (the degenerate case of the same code), and the sampling stage's
 per-process shard files. The 2-process behaviour is tested end to end in test_online_distributed.py."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nashalign import NashalignError
-from nashalign.artifacts import read_jsonl, write_jsonl
-from nashalign.oracles import PythonOracle
-from nashalign.sharding import SplitOracle, process_state, row_range
+from nashalign.data.artifacts import read_jsonl, write_jsonl
+from nashalign.judges.oracles import PythonOracle
+from nashalign.online.sharding import SplitOracle, process_state, row_range
 
 
 @given(size=st.integers(0, 300), processes=st.integers(1, 9))
@@ -66,7 +66,7 @@ def test_a_finished_sampling_shard_is_kept_and_merged(tmp_path):
     every shard file, also a stale one of another process count, is removed, also when the merged
     file already exists."""
     from nashalign.config import from_mapping
-    from nashalign.online import OnlineConfig, _generate
+    from nashalign.online.loop import OnlineConfig, _generate
 
     config = from_mapping(OnlineConfig, {"model": {"name_or_path": str(tmp_path / "absent")},
                                          "sampling": {"samples_per_prompt": 2}})

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from nashalign.data import collate_pairs
-from nashalign.sparsepo import (
+from nashalign.data.tokenization import collate_pairs
+from nashalign.train.sparsepo import (
     ActivationRecorder,
     MaskNetwork,
     activation_masks,
@@ -119,8 +119,8 @@ def test_sparsepo_inputs_of_a_batch_equal_scoring_alone(tiny_tokenizer):
     d_t = Σ_v π_ref(v)(log π(v) − log π_ref(v)) at every response token equal the values computed
     from each sequence's own full logits, alone; 0 outside the responses; the policy's summed
     log-probs are the sums of its token log-probs. The policy gets gradients, π_ref none."""
-    from nashalign.data import TokenizedPair
-    from nashalign.tiny import build_model
+    from nashalign.data.tokenization import TokenizedPair
+    from nashalign.models.tiny import build_model
 
     policy, ref = build_model(tiny_tokenizer, seed=0), build_model(tiny_tokenizer, seed=1)
     ref.requires_grad_(False)
@@ -162,8 +162,8 @@ def test_sparsepo_trains_against_a_frozen_copy_of_the_initial_policy(model_dirs,
     initial weights while the policy moved."""
     import math
 
-    from nashalign import objectives
-    from nashalign.train import train_pairs
+    from nashalign.train import objectives
+    from nashalign.train.loop import train_pairs
     from test_train import final_state_of, make_config, make_pairs, read_metrics
 
     captured = {}
@@ -193,8 +193,8 @@ def test_learned_masks_train_with_their_own_weight_decay_and_are_saved(model_dir
     from safetensors.torch import load_file
 
     from nashalign import NashalignError
-    from nashalign.objectives import MASK_FILE
-    from nashalign.train import train_pairs
+    from nashalign.train.loop import train_pairs
+    from nashalign.train.objectives import MASK_FILE
     from test_train import make_config, make_pairs
 
     pairs = make_pairs(tokenizer, 4, seed=3)
@@ -213,7 +213,7 @@ def test_learned_masks_train_with_their_own_weight_decay_and_are_saved(model_dir
 
 
 def test_mask_weight_decay_reaches_the_optimizer(model_dirs, tokenizer, tmp_path, monkeypatch):  # noqa: F811
-    from nashalign.train import train_pairs
+    from nashalign.train.loop import train_pairs
     from test_train import make_config, make_pairs
 
     groups = []

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nashalign import NashalignError, scoring
-from nashalign.artifacts import read_jsonl, write_jsonl
+from nashalign import NashalignError
 from nashalign.cli import main
 from nashalign.config import TrainConfig, from_mapping
-from nashalign.data import TokenizedPair
-from nashalign.objectives import SRPOObjective
-from nashalign.srpo import compare_rounds, revision_format, revision_pairs, round_file
-from nashalign.train import build_loss, train_pairs
+from nashalign.data.artifacts import read_jsonl, write_jsonl
+from nashalign.data.tokenization import TokenizedPair
+from nashalign.train import scoring
+from nashalign.train.loop import build_loss, train_pairs
+from nashalign.train.objectives import SRPOObjective
+from nashalign.train.srpo import compare_rounds, revision_format, revision_pairs, round_file
 from test_train import alone_logp, make_config, make_pairs, model_dirs, tokenizer  # noqa: F401 (fixtures)
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -132,7 +133,7 @@ def test_revise_command_round_trips_and_resumes(tiny_model_dir, tmp_path, monkey
     prompts in the same output directory are refused."""
     from transformers import AutoTokenizer
 
-    from nashalign.sampling import TransformersSampler
+    from nashalign.sampling.engines import TransformersSampler
 
     monkeypatch.syspath_prepend(str(PLUGINS))
     prompts = tmp_path / "prompts.jsonl"
@@ -181,7 +182,7 @@ def test_revise_command_round_trips_and_resumes(tiny_model_dir, tmp_path, monkey
 def test_compare_rounds_is_the_mean_judged_preference():
     """A judge preferring the longer answer (P = 1, 0, or ½ on ties): round N is longer on 2 prompts,
     shorter on 1, equal on 1 → win rate (1 + 1 + 0 + ½)/4 = 0.625."""
-    from nashalign.oracles import PythonOracle
+    from nashalign.judges.oracles import PythonOracle
 
     def longer(prompts, first, second):
         return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for a, b in zip(first, second)]

@@ -13,10 +13,10 @@ from numpy.testing import assert_allclose
 from scipy.optimize import minimize
 
 from nashalign import NashalignError
-from nashalign import games as g
-from nashalign import tabular as tb
-from nashalign.losses import ipo, make_loss, nash_md, online_ipo
-from nashalign.mixture import geometric_mixture_logprobs
+from nashalign.core import games as g
+from nashalign.core import tabular as tb
+from nashalign.core.losses import ipo, make_loss, nash_md, online_ipo
+from nashalign.core.mixture import geometric_mixture_logprobs
 
 GAMES, ACTIONS = 24, 10
 
@@ -70,7 +70,7 @@ def test_minimizer_of_the_expected_inpo_loss_is_the_omd_step(random_games, eta, 
     P·(d − c)² + (1 − P)·(−d − c)² = (d − c·(2P − 1))² + const, c = 1/(2η): a least-squares regression of
     g(y) − g(y') on (P[y, y'] − ½)/η over y, y' ~ π_t. Its normal equations give
     g(a) = E_π_t g + (P(a ≻ π_t) − ½)/η, i.e. θ = (1 − τ/η)·log π_t + (τ/η)·log ρ + P(· ≻ π_t)/η + const:
-    the OMD step. Checked by minimizing `nashalign.losses.inpo` over all weighted pairs."""
+    the OMD step. Checked by minimizing `nashalign.core.losses.inpo` over all weighted pairs."""
     P, ref = random_games
     log_policy = np.log(np.random.default_rng(11).dirichlet(np.ones(ACTIONS), GAMES))
     chosen, rejected, weights = _all_ordered_pairs(P, np.exp(log_policy))
@@ -240,8 +240,8 @@ def test_closed_form_steps_are_the_argmax_of_their_proximal_objectives(random_ga
 
 def test_online_ipo_step_is_a_gradient_step_on_the_expected_ipo_loss(random_games):
     """Online IPO: θ_{t+1} = θ_t − (1/η)·(τ/4)·∇_θ E[IPO loss], β = τ, pairs from sg(π_t) labelled by
-    the oracle, the expectation computed over all weighted pairs with `nashalign.losses.ipo` (summed
-    log-probs) and differentiated by autograd; `nashalign.losses.online_ipo` is that loss."""
+    the oracle, the expectation computed over all weighted pairs with `nashalign.core.losses.ipo` (summed
+    log-probs) and differentiated by autograd; `nashalign.core.losses.online_ipo` is that loss."""
     P, ref = random_games
     log_policy = np.log(np.random.default_rng(6).dirichlet(np.ones(ACTIONS), GAMES))
     tau, eta = 0.1, 0.3

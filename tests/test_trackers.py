@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nashalign import NashalignError, cli, trackers
+from nashalign import NashalignError, cli
 from nashalign.config import OutputConfig, from_mapping
+from nashalign.train import trackers
 
 
 def test_report_to_values(monkeypatch):
@@ -82,9 +83,9 @@ def test_offline_wandb_run_holds_the_iteration_rows_and_training_metrics(tmp_pat
     as train/<key> (equal to summary.json and metrics.jsonl), and each training phase has a run of its
     own with one row per optimizer step."""
     pytest.importorskip("wandb")
-    from nashalign.artifacts import read_json, read_jsonl
-    from nashalign.online import OnlineConfig, run_online
-    from nashalign.oracles import GameOracle
+    from nashalign.data.artifacts import read_json, read_jsonl
+    from nashalign.judges.oracles import GameOracle
+    from nashalign.online.loop import OnlineConfig, run_online
     from test_online import ANSWERS, GAME_P, _config
 
     monkeypatch.setenv("WANDB_MODE", "offline")

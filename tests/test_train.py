@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nashalign import NashalignError, cli, scoring
-from nashalign import train as train_module
-from nashalign.checkpoint import checkpoint_name, latest_checkpoint
+from nashalign import NashalignError, cli
 from nashalign.config import TrainConfig, from_mapping, load_config
-from nashalign.data import collate_pairs, load_records, tokenize_records
-from nashalign.logprobs import pair_logps
-from nashalign.train import batch_losses, build_loss, train_pairs
+from nashalign.data.logprobs import pair_logps
+from nashalign.data.tokenization import collate_pairs, load_records, tokenize_records
+from nashalign.train import loop as train_module
+from nashalign.train import scoring
+from nashalign.train.checkpoint import checkpoint_name, latest_checkpoint
+from nashalign.train.loop import batch_losses, build_loss, train_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Per-step values that legitimately differ between two runs (wall clock).
@@ -40,7 +41,7 @@ def counting_records(count: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """Three different tiny models sharing one tokenizer: the policy, a reference and a previous iterate."""
-    from nashalign.tiny import save_tiny
+    from nashalign.models.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("models")
     return {name: save_tiny(root / name, seed=seed) for name, seed in (("policy", 0), ("ref", 1), ("prev", 2))}
@@ -54,7 +55,7 @@ def tokenizer(model_dirs):
 
 
 def make_pairs(tokenizer, count: int, seed: int = 0):
-    from nashalign.records import parse_record
+    from nashalign.data.records import parse_record
 
     records = [parse_record(row, f"pairs[{i}]")[0] for i, row in enumerate(counting_records(count, seed))]
     pairs, report = tokenize_records(records, tokenizer, max_length=64, max_prompt_length=32)
@@ -333,7 +334,7 @@ def test_reference_models_are_freed_before_training_and_cached(model_dirs, token
     train_pairs(str(model_dirs["policy"]), changed, config, tmp_path / "c", tokenizer=tokenizer)
     assert forwards["ref"] == 1 and forwards["prev"] == 1
 
-    from nashalign.tiny import save_tiny
+    from nashalign.models.tiny import save_tiny
 
     save_tiny(tmp_path / "ref", seed=9)  # same name, different weights
     forwards.clear()
@@ -566,7 +567,7 @@ def test_train_file_responses_end_with_the_stop_token_of_the_policy(two_eos_mode
     response ends with "<|eot|>", the token the policy stops on, and nothing after it."""
     from transformers import AutoTokenizer
 
-    from nashalign.train import training_pairs
+    from nashalign.train.loop import training_pairs
 
     data = tmp_path / "pairs.jsonl"
     row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
@@ -583,12 +584,12 @@ def test_train_file_responses_end_with_the_stop_token_of_the_policy(two_eos_mode
 
 def test_accelerate_private_state_reset_exists():
     """accelerate has no public way to drop its process-wide state so that a second phase in the same
-    process may use another mixed precision; nashalign.train calls `AcceleratorState._reset_state`.
+    process may use another mixed precision; nashalign.train.loop calls `AcceleratorState._reset_state`.
     If a release drops it, this fails by name (rather than the second phase failing obscurely)."""
     from accelerate.state import AcceleratorState
 
     assert callable(getattr(AcceleratorState, "_reset_state", None)), (
-        "accelerate no longer has AcceleratorState._reset_state, which nashalign.train._make_accelerator calls"
+        "accelerate no longer has AcceleratorState._reset_state, which nashalign.train.loop._make_accelerator calls"
     )
 
 

@@ -18,9 +18,9 @@ import torch
 trl = pytest.importorskip("trl", reason="trl (the dev extra) is not installed: no independent reference to compare")
 
 from nashalign.config import TrainConfig, from_mapping  # noqa: E402
-from nashalign.data import tokenize_records  # noqa: E402
-from nashalign.records import parse_record  # noqa: E402
-from nashalign.train import train_pairs  # noqa: E402
+from nashalign.data.records import parse_record  # noqa: E402
+from nashalign.data.tokenization import tokenize_records  # noqa: E402
+from nashalign.train.loop import train_pairs  # noqa: E402
 
 RECORDS = [
     {"prompt": "Count up from 3:", "chosen": " 3 4 5 6", "rejected": " 9 1"},
@@ -34,7 +34,7 @@ MAX_LENGTH = 64
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from nashalign.tiny import save_tiny
+    from nashalign.models.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("parity")
     return save_tiny(root / "policy", seed=0), save_tiny(root / "ref", seed=1)

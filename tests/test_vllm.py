@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from nashalign.sampling import make_sampler
+from nashalign.sampling.engines import make_sampler
 from vllm_models import ENGINE_ARGS, save_sampling_model
 
 pytestmark = pytest.mark.vllm

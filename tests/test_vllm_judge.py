@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from nashalign.http_judge import CACHE_FILE, DEFAULT_TEMPLATE, HttpJudgeConfig, HttpJudgeOracle
+from nashalign.judges.http_judge import CACHE_FILE, DEFAULT_TEMPLATE, HttpJudgeConfig, HttpJudgeOracle
 
 pytestmark = pytest.mark.vllm
 
@@ -41,7 +41,7 @@ ANSWERS = ["yes", "no", "maybe", "blue", "four", "Paris"]
 
 
 def _save_judge_model(directory: Path) -> Path:
-    from nashalign.tiny import build_model, build_tokenizer
+    from nashalign.models.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=256, num_heads=4, num_layers=2, seed=1)

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nashalign.artifacts import read_json, read_jsonl, write_jsonl
+from nashalign.data.artifacts import read_json, read_jsonl, write_jsonl
 from vllm_models import ENGINE_ARGS, save_sampling_model
 
 pytestmark = pytest.mark.vllm

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from nashalign.tiny import build_model, build_tokenizer
+from nashalign.models.tiny import build_model, build_tokenizer
 
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 128 << 20}
 

@@ -34,8 +34,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from nashalign import NashalignError
-from nashalign.json_input import RECURSION
-from nashalign.models import ModelSpec
+from nashalign.data.json_input import RECURSION
+from nashalign.models.loader import ModelSpec
 
 T = TypeVar("T")
 
@@ -155,7 +155,7 @@ class DataConfig:
 class LossConfig:
     name: Literal["dpo", "ipo", "inpo", "sppo", "srpo", "sparsepo", "inpo-optimistic", "inpo-optimistic-aux",
                   "online-ipo", "nash-md"] = _field(
-        "dpo", "the loss (nashalign.losses; nash-md reads single responses, see docs/online.md)")
+        "dpo", "the loss (nashalign.core.losses; nash-md reads single responses, see docs/online.md)")
     beta: float = _field(
         0.1, "KL weight of dpo / ipo / sppo / srpo / sparsepo, and the scale of the logged implicit rewards", gt=0
     )
@@ -202,7 +202,7 @@ class LossConfig:
         if not getattr(self, "mask_activations", True):  # absent in the online section: sparsepo is offline only
             raise ConfigFieldError("mask_activations", "expected at least one of mlp, attention, residual")
         if getattr(self, "revision_template", None) is not None:
-            from nashalign.srpo import template_problem
+            from nashalign.train.srpo import template_problem
 
             problem = template_problem(self.revision_template)
             if problem:

@@ -11,7 +11,7 @@ KL-regularized game.
    π_ref = π_0.
 2. The chosen algorithms (`DemoSettings.algorithms`, `--algorithms`: any online algorithm, and
    `inpo-refresh`, INPO whose reference becomes the current policy every `refresh_every` iterations)
-   each run the online loop (nashalign.online) from π_0 against the same oracle.
+   each run the online loop (nashalign.online.loop) from π_0 against the same oracle.
 3. After every iteration, the exact duality gap of each language model's policy (KL-regularized,
    against π_0 and τ) and its unregularized gap DG₀ = 2·max_y P(y ≻ π) − 1 (0 only at the Nash
    policy of the preference itself) are computed by scoring every allowed answer (renormalized over
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from nashalign.games import CONDORCET_SCORES, majority_vote
-from nashalign.oracles import GameOracle, Oracle
+from nashalign.core.games import CONDORCET_SCORES, majority_vote
+from nashalign.judges.oracles import GameOracle, Oracle
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +126,9 @@ def supervised_start(directory: Path, prompts, settings: DemoSettings) -> Path:
     """
     import torch
 
-    from nashalign.checkpoint import atomic_directory
-    from nashalign.logprobs import sequence_logps
-    from nashalign.tiny import build_model, build_tokenizer
+    from nashalign.data.logprobs import sequence_logps
+    from nashalign.models.tiny import build_model, build_tokenizer
+    from nashalign.train.checkpoint import atomic_directory
 
     if (directory / "config.json").exists():
         return directory
@@ -171,9 +171,9 @@ def answer_distributions(model_dir: Path, prompts) -> tuple[list[np.ndarray], li
     """Each prompt's distribution over its family's answers (renormalized), and the mass on them."""
     import torch
 
-    from nashalign.evaluate import lm_response_distribution
-    from nashalign.logprobs import sequence_logps
-    from nashalign.models import load_causal_lm, load_tokenizer
+    from nashalign.data.logprobs import sequence_logps
+    from nashalign.eval.metrics import lm_response_distribution
+    from nashalign.models.loader import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
@@ -196,7 +196,7 @@ def answer_distributions(model_dir: Path, prompts) -> tuple[list[np.ndarray], li
 def evaluate_policy(policies, masses, ref_policies, prompts, tau: float) -> dict[str, float]:
     """Mean over prompts of the exact duality gap (regularized: against π_ref and τ), the unregularized
     gap DG₀, KL to π_ref (over the allowed answers), and the mass on the allowed answers."""
-    from nashalign.games import duality_gap, kl_divergence, unregularized_gap
+    from nashalign.core.games import duality_gap, kl_divergence, unregularized_gap
 
     gaps = [float(duality_gap(f.P, ref, pol, tau)) for (f, _), pol, ref in zip(prompts, policies, ref_policies)]
     unregularized = [float(unregularized_gap(f.P, pol)) for (f, _), pol in zip(prompts, policies)]
@@ -226,14 +226,14 @@ DEMO_VARIANTS = {"inpo-refresh": "inpo"}
 
 def demo_algorithms() -> tuple[str, ...]:
     """The names `--algorithms` accepts: every online algorithm and the demo's variants."""
-    from nashalign.online_config import ALGORITHMS
+    from nashalign.online.config import ALGORITHMS
 
     return (*ALGORITHMS, *DEMO_VARIANTS)
 
 
 def online_config(settings: DemoSettings, algorithm: str, start: Path, prompts_file: Path, run_dir: Path):
     from nashalign.config import from_mapping
-    from nashalign.online import OnlineConfig
+    from nashalign.online.loop import OnlineConfig
 
     base = DEMO_VARIANTS.get(algorithm, algorithm)
     # INPO's loss is minimized by the OMD step when pairs are drawn from π_t × π_t and labelled by P:
@@ -267,9 +267,9 @@ def online_config(settings: DemoSettings, algorithm: str, start: Path, prompts_f
 
 def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the whole demo; return per-algorithm rows of metrics per iteration and the report paths."""
-    from nashalign.artifacts import read_jsonl, write_json, write_jsonl
-    from nashalign.online import run_online
-    from nashalign.report import write_report
+    from nashalign.data.artifacts import read_jsonl, write_json, write_jsonl
+    from nashalign.eval.report import write_report
+    from nashalign.online.loop import run_online
 
     settings = settings or DemoSettings()
     out = Path(settings.output_dir)

@@ -47,22 +47,22 @@ def _pause() -> None:
 
 def _install(point: str) -> None:
     if point == "sampling":
-        import nashalign.sampling
+        import nashalign.sampling.engines
 
-        _pause_on_call(nashalign.sampling, "make_sampler", 2)
+        _pause_on_call(nashalign.sampling.engines, "make_sampler", 2)
     elif point == "judging":
         import vowel_judge
 
         _pause_on_call(vowel_judge, "prefer_vowels", 1)
     elif point == "checkpoint":
-        import nashalign.engine_checkpoint
+        import nashalign.train.engine_checkpoint
 
-        _pause_on_call(nashalign.engine_checkpoint, "save_training_checkpoint", 1, after=True)
+        _pause_on_call(nashalign.train.engine_checkpoint, "save_training_checkpoint", 1, after=True)
     elif point == "mid-save":
-        import nashalign.checkpoint
+        import nashalign.train.checkpoint
 
         # the RNG state is captured after the model and optimizer files, before the marker
-        _pause_on_call(nashalign.checkpoint, "capture_rng_state", 2)
+        _pause_on_call(nashalign.train.checkpoint, "capture_rng_state", 2)
     else:
         raise SystemExit(f"unknown pause point {point!r}")
 

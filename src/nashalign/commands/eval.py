@@ -1,4 +1,4 @@
-"""`nashalign eval winrate|ranking|generate`: evaluate a policy (the statistics live in nashalign.evaluate).
+"""`nashalign eval winrate|ranking|generate`: evaluate a policy (the statistics live in nashalign.eval.metrics).
 
     nashalign eval winrate --policy DIR --baseline DIR|responses.jsonl --prompts FILE --oracle ORACLE.yaml
         Samples one response per prompt from the policy (and from the baseline when it is a model),
@@ -12,7 +12,7 @@
     nashalign eval generate --model DIR --prompts FILE --output-dir DIR [--name NAME]
         The model's answer to every prompt of an AlpacaEval, Arena-Hard or nashalign prompt file (a local
         file), written as answers.jsonl, alpaca_eval.json (AlpacaEval's model outputs) and
-        arena_hard.jsonl (Arena-Hard's model answers); see nashalign.answers.
+        arena_hard.jsonl (Arena-Hard's model answers); see nashalign.eval.answers.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec(name: str, args):
-    from nashalign.models import ModelSpec
+    from nashalign.models.loader import ModelSpec
 
     return ModelSpec(name, revision=args.revision, dtype=args.dtype, device=args.device,
                      trust_remote_code=args.trust_remote_code)
@@ -79,7 +79,7 @@ def _spec(name: str, args):
 
 def _load(name: str, args, where: str):
     """(model, tokenizer) through the one loader; a tokenizer without a pad token pads with EOS."""
-    from nashalign.models import load_causal_lm, load_tokenizer
+    from nashalign.models.loader import load_causal_lm, load_tokenizer
 
     spec = _spec(name, args)
     return load_causal_lm(spec, where=where), load_tokenizer(spec, where=where)
@@ -89,7 +89,7 @@ def _response_logps(model, tokenizer, prompt_ids, response_ids, batch_size: int)
     """Summed log π(response | prompt) of each (prompt, response), each scored once."""
     import torch
 
-    from nashalign.logprobs import sequence_logps
+    from nashalign.data.logprobs import sequence_logps
 
     with torch.inference_mode():
         values = sequence_logps(model, list(zip(prompt_ids, response_ids)), tokenizer.pad_token_id,
@@ -100,8 +100,8 @@ def _response_logps(model, tokenizer, prompt_ids, response_ids, batch_size: int)
 def _pair_logps(model, tokenizer, pairs, batch_size: int):
     """(chosen, rejected) summed log-probs of preference pairs: one forward pass per pair batch,
     every response scored once (the prompt once for both with packing)."""
-    from nashalign.cache import score_pairs
-    from nashalign.data import collate_pairs
+    from nashalign.data.cache import score_pairs
+    from nashalign.data.tokenization import collate_pairs
 
     scored = score_pairs(model, pairs, batch_size=batch_size, cache=None,
                          collate_fn=lambda batch: collate_pairs(batch, tokenizer.pad_token_id))
@@ -109,7 +109,7 @@ def _pair_logps(model, tokenizer, pairs, batch_size: int):
 
 
 def _sample(model, tokenizer, rendered, args):
-    from nashalign.sampling import TransformersSampler
+    from nashalign.sampling.engines import TransformersSampler
 
     sampler = TransformersSampler(model, tokenizer, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
@@ -118,7 +118,7 @@ def _sample(model, tokenizer, rendered, args):
 
 def _baseline_file(path: Path, count: int) -> list[str]:
     from nashalign import NashalignError
-    from nashalign.artifacts import read_jsonl
+    from nashalign.data.artifacts import read_jsonl
 
     rows = read_jsonl(path)
     if len(rows) != count:
@@ -134,10 +134,10 @@ def _win_rate(args) -> dict:
     import yaml
 
     from nashalign import NashalignError
-    from nashalign.evaluate import kl_from_samples, length_controlled_win_rate, length_stats, win_rate
-    from nashalign.json_input import RECURSION
-    from nashalign.online import PromptsConfig, judge_text, load_prompts, render_prompt
-    from nashalign.oracles import build_oracle
+    from nashalign.data.json_input import RECURSION
+    from nashalign.eval.metrics import kl_from_samples, length_controlled_win_rate, length_stats, win_rate
+    from nashalign.judges.oracles import build_oracle
+    from nashalign.online.loop import PromptsConfig, judge_text, load_prompts, render_prompt
 
     try:
         spec = yaml.safe_load(Path(args.oracle).read_text(encoding="utf-8"))
@@ -186,9 +186,9 @@ def _win_rate(args) -> dict:
 def _ranking(args) -> dict:
     import numpy as np
 
-    from nashalign.data import load_records, tokenize_records
-    from nashalign.evaluate import idealized_ranking_accuracy, ranking_accuracy
-    from nashalign.sampling import stop_token_ids
+    from nashalign.data.tokenization import load_records, tokenize_records
+    from nashalign.eval.metrics import idealized_ranking_accuracy, ranking_accuracy
+    from nashalign.sampling.engines import stop_token_ids
 
     model, tokenizer = _load(args.model, args, "--model")
     records = load_records(args.data)
@@ -214,9 +214,9 @@ def _ranking(args) -> dict:
 
 
 def _generate(args) -> dict:
-    from nashalign.answers import answer_rows, chat_form, read_prompt_set
-    from nashalign.artifacts import atomic_write_text, write_jsonl
-    from nashalign.prompts import render_prompt
+    from nashalign.data.artifacts import atomic_write_text, write_jsonl
+    from nashalign.eval.answers import answer_rows, chat_form, read_prompt_set
+    from nashalign.online.prompts import render_prompt
 
     if args.limit is not None and args.limit < 1:
         from nashalign import NashalignError
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if getattr(args, "output", None):
-        from nashalign.artifacts import atomic_write_text
+        from nashalign.data.artifacts import atomic_write_text
 
         atomic_write_text(args.output, text + "\n")
     return 0

@@ -4,8 +4,8 @@ The game is a built-in (`--game`, default: the Condorcet game of three annotator
 `{"P": [[...]], "reference": [...]}`. Prints two tables, the exact duality gap of the regularized
 game and the unregularized gap DG₀ of each algorithm's iterate (a readable subset of iterations,
 always the last), the final policies, and writes a PNG plot of both (log scale); `--json` prints one
-JSON object instead. The work lives in `nashalign.games` and
-`nashalign.tabular`; this module parses arguments and prints.
+JSON object instead. The work lives in `nashalign.core.games` and
+`nashalign.core.tabular`; this module parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from nashalign import NashalignError
-from nashalign.games import BUILTIN_GAMES, Game, find_cycle, load_game, nash_policy, validate_game
-from nashalign.tabular import (
+from nashalign.core.games import BUILTIN_GAMES, Game, find_cycle, load_game, nash_policy, validate_game
+from nashalign.core.tabular import (
     ALGORITHMS,
     REFRESHED,
     SAMPLED,

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     """Every process of an `accelerate launch` runs the loop; the main process prints the summary."""
     from nashalign import NashalignError
     from nashalign.config import load_config
-    from nashalign.online import OnlineConfig
+    from nashalign.online.loop import OnlineConfig
 
     if args.json and not args.dry_run:
         raise NashalignError("--json: only with --dry-run")
@@ -37,14 +37,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         import json
 
-        from nashalign.online_plan import format_plan, plan_online
+        from nashalign.online.plan import format_plan, plan_online
 
         plan = plan_online(config)
         print(json.dumps(plan, indent=2, ensure_ascii=False) if args.json else format_plan(plan))
         return 0
 
-    from nashalign.online import format_summary_table, run_online
-    from nashalign.sharding import process_state
+    from nashalign.online.loop import format_summary_table, run_online
+    from nashalign.online.sharding import process_state
 
     result = run_online(config)
     state = process_state()

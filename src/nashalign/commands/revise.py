@@ -48,7 +48,7 @@ def _oracle(path: str):
     import yaml
 
     from nashalign import NashalignError
-    from nashalign.oracles import build_oracle
+    from nashalign.judges.oracles import build_oracle
 
     try:
         spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -58,10 +58,10 @@ def _oracle(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from nashalign.artifacts import write_json
-    from nashalign.prompts import PromptsConfig, judge_text, load_prompts, render_prompt
-    from nashalign.sampling import TransformersSampler
-    from nashalign.srpo import compare_rounds, revise, revision_format
+    from nashalign.data.artifacts import write_json
+    from nashalign.online.prompts import PromptsConfig, judge_text, load_prompts, render_prompt
+    from nashalign.sampling.engines import TransformersSampler
+    from nashalign.train.srpo import compare_rounds, revise, revision_format
 
     oracle = _oracle(args.oracle) if args.oracle else None  # a bad oracle file fails before any sampling
     prompts = load_prompts(PromptsConfig(file=args.prompts, field=args.field))

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from nashalign.config import TrainConfig, load_config
 
     config = load_config(TrainConfig, args.config, args.overrides)
-    from nashalign.train import train
+    from nashalign.train.loop import train
 
     result = train(config, resume=args.resume)
     from accelerate import PartialState

@@ -1,0 +1,1 @@
+"""The math: pure losses, finite preference games, the game lab's algorithms."""

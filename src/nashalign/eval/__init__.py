@@ -1,0 +1,1 @@
+"""Evaluation: win rates, length control, ranking accuracy, reports."""

@@ -1,0 +1,1 @@
+"""Preference oracles (the protocol, its implementations, the registry) and pair construction."""

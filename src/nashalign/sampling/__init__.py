@@ -1,0 +1,1 @@
+"""Generation backends: transformers and vLLM (GPU or CPU build)."""

@@ -1,0 +1,1 @@
+"""One optimization phase on accelerate: the loop, reference scoring, checkpoints."""
