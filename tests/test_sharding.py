@@ -67,6 +67,7 @@ def test_a_finished_sampling_shard_is_kept_and_merged(tmp_path):
     file already exists."""
     from nashalign.config import from_mapping
     from nashalign.online.loop import OnlineConfig, _generate
+    from nashalign.sampling.engines import SamplerPool
 
     config = from_mapping(OnlineConfig, {"model": {"name_or_path": str(tmp_path / "absent")},
                                          "sampling": {"samples_per_prompt": 2}})
@@ -75,11 +76,13 @@ def test_a_finished_sampling_shard_is_kept_and_merged(tmp_path):
     path = tmp_path / "generations.jsonl"
     write_jsonl(tmp_path / "generations.shard-0-of-1.jsonl", rows)
     write_jsonl(tmp_path / "generations.shard-2-of-3.jsonl", rows[:1])
-    groups = _generate(path, str(tmp_path / "absent"), None, ["first", "second"], config, 0, process_state(), False)
+    groups = _generate(path, str(tmp_path / "absent"), None, ["first", "second"], config, 0, process_state(), False,
+                       SamplerPool())
     assert [[g["text"] for g in group] for group in groups] == [["0.0", "0.1"], ["1.0", "1.1"]]
     assert [row["text"] for row in read_jsonl(path)] == ["0.0", "0.1", "1.0", "1.1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl"]
     # A shard left by a kill between the merge and the clean-up goes on the next run, which samples nothing.
     write_jsonl(tmp_path / "generations.shard-0-of-1.jsonl", rows[:1])
-    again = _generate(path, str(tmp_path / "absent"), None, ["first", "second"], config, 0, process_state(), False)
+    again = _generate(path, str(tmp_path / "absent"), None, ["first", "second"], config, 0, process_state(), False,
+                       SamplerPool())
     assert again == groups and sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl"]

@@ -556,12 +556,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def dump_config(config: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML to `path` (atomically: temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-    temporary.replace(path)
-    return path
+    from nashalign.data.artifacts import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def config_subset(base: type, name: str, refused: Mapping[str, str], doc: str, module: str) -> type:

@@ -278,6 +278,8 @@ class PairModelOracle(ModelJudge):
         """(B,) the judge's own, position-biased q(first, second) (not symmetrized)."""
         import torch
 
+        from nashalign.data.logprobs import position_ids_from_mask
+
         encoded = [self._encode(p, a, b) for p, a, b in zip(prompts, first, second)]
         if any(truncated for _, truncated in encoded):
             count = sum(truncated for _, truncated in encoded)
@@ -288,7 +290,7 @@ class PairModelOracle(ModelJudge):
         with torch.inference_mode():
             for rows, ids, mask in _padded_batches(sequences, self.batch_size, self.pad_id, left=True):
                 device = self.model.device
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                positions = position_ids_from_mask(mask)
                 logits = self.model(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),

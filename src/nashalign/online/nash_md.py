@@ -26,6 +26,7 @@ import numpy as np
 
 from nashalign.core.mixture import geometric_mixture_logprobs
 from nashalign.data.artifacts import read_json, read_jsonl, write_json, write_jsonl
+from nashalign.data.logprobs import position_ids_from_mask
 from nashalign.online.sharding import from_main
 from nashalign.sampling.engines import TransformersSampler, sample_seed
 
@@ -54,7 +55,7 @@ def _mixture_processor(ref_model, attention_mask, mixture_coef: float):
             new = input_ids[:, self.fed :]
             if self.past is not None:
                 self.mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
-            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1] :]
+            positions = position_ids_from_mask(self.mask)[:, -new.shape[1] :]
             with torch.inference_mode():
                 out = ref_model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True,
                                 **{cache_key: self.past})

@@ -275,6 +275,8 @@ class TransformersSampler:
         import torch
         from transformers import DynamicCache
 
+        from nashalign.data.logprobs import position_ids_from_mask
+
         device = self.model.device
         pad_id = self.tokenizer.pad_token_id
         cache = DynamicCache()  # filled in place by every forward; newer transformers call the argument `cache`
@@ -283,7 +285,7 @@ class TransformersSampler:
         encoded = self.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False)
         rows = torch.tensor([distinct.index(text) for text in texts], device=device)
         mask = encoded["attention_mask"].to(device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        positions = position_ids_from_mask(mask)
         generators = None
         if self.temperature > 0:
             generators = [

@@ -46,6 +46,7 @@ from nashalign.core.losses import (
     sft,
     z_loss,
 )
+from nashalign.data.artifacts import atomic_write_text
 from nashalign.data.logprobs import pair_logps
 from nashalign.data.tokenization import TokenizedPair, TruncationReport, load_records, tokenize_records
 from nashalign.progress import rate_line
@@ -201,9 +202,7 @@ def _rewrite_metrics(path: Path, up_to_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(f"{line}\n" for line in kept))
-    temporary.replace(path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def train(config: TrainConfig, *, resume: str = "auto", callback: StepCallback | None = None) -> TrainResult:
