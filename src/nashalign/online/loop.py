@@ -366,11 +366,6 @@ def run_online(
     """
     config = validated(config)
     state = process_state()
-    if config.sampling.backend == "vllm" and state.num_processes > 1:
-        raise NashalignError(
-            f"sampling.backend: 'vllm' is not supported with several processes yet ({state.num_processes} "
-            "launched); use 'transformers', or 'auto', which samples with transformers then"
-        )
     oracle = split_oracle(oracle, config.oracle, state)
     run_dir = run_directory(config)
     run_dir.mkdir(parents=True, exist_ok=True)
