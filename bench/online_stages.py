@@ -75,8 +75,10 @@ def main() -> None:
         "run": {"name": "bench", "dir": str(workdir / "runs"), "iterations": 1},
         "prompts": {"file": str(workdir / "prompts.jsonl")},
         "sampling": {"backend": args.backend, "samples_per_prompt": args.samples,
-                     "max_new_tokens": args.max_new_tokens, "batch_size": 32,
-                     "engine_args": {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 3 << 29}},
+                     "max_new_tokens": args.max_new_tokens,
+                     # the online config refuses the keys the chosen backend does not read
+                     **({"engine_args": {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 3 << 29}}
+                        if args.backend == "vllm" else {"batch_size": 32})},
         "data": {"max_length": 256, "max_prompt_length": 128, "scoring_batch_size": 8},
         "loss": {"eta": 0.005},
         "optim": {"lr": 5e-7, "epochs": 2, "per_device_batch_size": 4, "warmup_ratio": 0.03},
