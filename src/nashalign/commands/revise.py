@@ -34,14 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) through the one model loader (a directory or a hub id)."""
+    from nashalign.models.loader import load_causal_lm, load_tokenizer
 
-    from nashalign import NashalignError
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise NashalignError(f"cannot load model {path!r}: {str(error).strip().splitlines()[0]}") from None
+    return load_causal_lm(path, where="--model"), load_tokenizer(path, where="--model", pad_fallback=False)
 
 
 def _oracle(path: str):

@@ -30,6 +30,7 @@ from nashalign.models.loader import (
     ModelSpec,
     is_local,
     load_causal_lm,
+    load_model_config,
     load_sequence_classifier,
     load_tokenizer,
     release,
@@ -57,7 +58,7 @@ class ModelJudge(Oracle):
         self._model = None if self._spec is not None else model
         self._load, self._where = load, where
         if self._spec is not None:
-            self.model_config = _read_config(self._spec, where)
+            self.model_config = load_model_config(self._spec, where=where)
         else:
             self.model_config = model.config
 
@@ -76,18 +77,6 @@ class ModelJudge(Oracle):
         if self._spec is not None and self._model is not None:
             self._model = None
             release()
-
-
-def _read_config(spec: ModelSpec, where: str):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise NashalignError(f"{where}: cannot load model {spec.name_or_path!r}: {first_line}") from None
 
 
 def _encode_tail(tokenizer, text: str, max_length: int, add_special_tokens: bool, text_pair: str | None = None):

@@ -31,6 +31,7 @@ __all__ = [
     "is_local",
     "load_causal_lm",
     "load_generation_config",
+    "load_model_config",
     "load_sequence_classifier",
     "load_tokenizer",
     "local_directory",
@@ -209,6 +210,20 @@ def load_tokenizer(spec: ModelSpec | str | Path, *, where: str = "tokenizer", pa
             raise NashalignError(f"{where}: tokenizer {spec.name_or_path!r} has neither a pad token nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_config(spec: ModelSpec | str | Path, *, where: str = "model"):
+    """The model's `AutoConfig` alone (no weights): what a judge checks before it loads them."""
+    from transformers import AutoConfig
+
+    spec = as_spec(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision is not None:
+        kwargs["revision"] = spec.revision
+    try:
+        return AutoConfig.from_pretrained(_location(spec, where), **kwargs)
+    except _load_errors() as error:
+        raise _failure(spec, "model", where, error) from None
 
 
 def load_generation_config(spec: ModelSpec | str | Path):

@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from nashalign import NashalignError
-from nashalign.models.loader import ModelSpec
+from nashalign.models.loader import ModelSpec, load_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The EOS ids generation from `model` (a ModelSpec, a directory or a hub name) stops on: its
     generation config's `eos_token_id` (one id or a list), then the tokenizer's EOS."""
-    return _eos_token_ids(SimpleNamespace(generation_config=_generation_config(model)), tokenizer)
+    return _eos_token_ids(SimpleNamespace(generation_config=load_generation_config(model)), tokenizer)
 
 
 def _finish(
@@ -333,12 +333,6 @@ def _load_causal_lm(model):
     from nashalign.models.loader import as_spec, load_causal_lm
 
     return load_causal_lm(as_spec(model, dtype="auto"), where="sampling")
-
-
-def _generation_config(model):
-    from nashalign.models.loader import load_generation_config
-
-    return load_generation_config(model)
 
 
 # `backend: auto` starts a vLLM engine only for at least this many sampled tokens (see make_sampler).
