@@ -100,7 +100,9 @@ def test_cli_run_prints_stage_lines_and_no_loading_bars(tmp_path, tiny_model_dir
         "run": {"name": "run", "dir": str(tmp_path / "runs"), "iterations": 1, "seed": 0},
         "prompts": {"file": str(prompts)},
         "sampling": {"backend": "transformers", "samples_per_prompt": 4, "max_new_tokens": 5},
-        "pairs": {"method": "tournament"},
+        # threshold decisions: the vowel judge's P > 1/2 is an order (shorter, then more vowels), so each
+        # final keeps its pair unless the two responses tie; with Bernoulli draws a seed could lose all three
+        "pairs": {"method": "tournament", "decide": "threshold"},
         "data": {"max_length": 64, "max_prompt_length": 32},
         "optim": {"lr": 1e-3, "epochs": 1, "per_device_batch_size": 2},
         "output": {"save_steps": 1, "report_to": "none"},

@@ -20,6 +20,7 @@ from nashalign import NashalignError
 from nashalign.sampling.engines import (
     Generation,
     TransformersSampler,
+    draw_tokens,
     make_sampler,
     sample_seed,
 )
@@ -30,7 +31,8 @@ PROMPTS = ["Paris", "What is the capital of France?", "The quick brown fox jumps
 
 def naive_generate(model, tokenizer, prompt, *, max_new_tokens, temperature, seed=None):
     """Reference: one unpadded prompt, a full forward pass per token, pad suppressed, then either
-    argmax (temperature 0) or a draw from softmax(logits / T) with the given generator seed.
+    argmax (temperature 0) or a draw from softmax(logits / T) with the given generator seed (the
+    first token whose cumulative probability exceeds a uniform number times the total).
     Returns (token_ids without EOS, finish_reason)."""
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     generator = None
@@ -44,8 +46,10 @@ def naive_generate(model, tokenizer, prompt, *, max_new_tokens, temperature, see
             if temperature == 0:
                 token = int(logits.argmax())
             else:
+                # the categorical distribution inverted at one uniform number of the sample's generator
                 probs = torch.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
+                point = float(torch.rand(1, generator=generator, dtype=torch.float64)) * float(probs.sum())
+                token = int((probs.cumsum(0) > point).nonzero()[0])
             if token == tokenizer.eos_token_id:
                 return new, "stop"
             new.append(token)
@@ -63,6 +67,30 @@ def eos_biased(model, tokenizer, bias):
         biased.bias[tokenizer.eos_token_id] = bias
     model.lm_head = biased
     return model
+
+
+def test_draw_tokens_follows_each_rows_distribution_with_its_own_generator():
+    """draw_tokens: frequencies match the distribution (20,000 draws, within 5 standard errors),
+    zero-probability tokens are never drawn (also unnormalized rows), and a row's draw is the same
+    alone as inside a batch with other rows (one uniform number per row from its own generator)."""
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0, 1.0]])
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    draws = torch.stack([draw_tokens(probs, generators) for _ in range(20_000)])
+    for row in range(2):
+        expected = probs[row] / probs[row].sum()
+        frequency = torch.bincount(draws[:, row], minlength=6).double() / len(draws)
+        assert frequency[expected == 0].sum() == 0
+        error = (expected.double() * (1 - expected.double()) / len(draws)).sqrt()
+        assert ((frequency - expected.double()).abs() <= 5 * error + 1e-12).all(), (row, frequency)
+    alone = [draw_tokens(probs[1:], [torch.Generator().manual_seed(s)]) for s in range(50)]
+    together = [draw_tokens(probs, [torch.Generator().manual_seed(99), torch.Generator().manual_seed(s)])[1:]
+                for s in range(50)]
+    assert torch.equal(torch.cat(alone), torch.cat(together))
+    # one uniform per row: the generator moves by exactly one float64 draw
+    g = torch.Generator().manual_seed(7)
+    draw_tokens(probs[:1], [g])
+    assert float(torch.rand(1, generator=g, dtype=torch.float64)) == float(
+        torch.rand(2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)[1])
 
 
 def test_counts_indices_and_text(tiny_model, tiny_tokenizer):

@@ -28,7 +28,7 @@ from nashalign.core.mixture import geometric_mixture_logprobs
 from nashalign.data.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from nashalign.data.logprobs import position_ids_from_mask
 from nashalign.online.sharding import from_main
-from nashalign.sampling.engines import TransformersSampler, sample_seed
+from nashalign.sampling.engines import TransformersSampler, draw_tokens, sample_seed
 
 if TYPE_CHECKING:
     from nashalign.online.config import OnlineConfig
@@ -73,7 +73,8 @@ def _row_seeded_sampler(generators, temperature: float, top_p: float):
 
     HF's `generate` draws all rows of a batch with one `torch.multinomial` on the global RNG, so
     a sample would depend on its batch. This processor applies HF's own temperature and top-p
-    warpers, draws one token per row from the row's generator and returns scores that are -inf
+    warpers, draws one token per row from the row's generator (the transformers sampler's own
+    `draw_tokens`) and returns scores that are -inf
     everywhere except at the drawn token; `generate` then runs in greedy mode and picks exactly it.
     """
     import torch
@@ -87,10 +88,7 @@ def _row_seeded_sampler(generators, temperature: float, top_p: float):
 
     class RowSeededSampling(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            probs = torch.softmax(warpers(input_ids, scores).float(), dim=-1)
-            drawn = torch.cat(
-                [torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)]
-            )
+            drawn = draw_tokens(torch.softmax(warpers(input_ids, scores).float(), dim=-1), generators)
             chosen = torch.full_like(scores, float("-inf"))
             chosen.scatter_(1, drawn[:, None], 0.0)
             return chosen

@@ -155,10 +155,32 @@ def _finish(
     return tokenizer.decode(kept), kept, "length", None
 
 
+def draw_tokens(probs, generators):
+    """One token per row of `probs` (each row a categorical distribution, not necessarily
+    normalized), row r drawn with `generators[r]`: the row's cumulative distribution inverted at
+    one uniform number from that generator.
+
+    Written by hand because `torch.multinomial` takes one generator per call: drawing each row
+    with its own generator costs a call per row, and each call draws an exponential variate for
+    every token of the vocabulary (a quarter of the sampler's time on a 32k vocabulary). Here a row
+    costs one uniform number and the cumulative sums of all rows are one vectorized operation. A
+    row's draw depends only on its own probabilities and generator, never on the other rows.
+    Tokens of zero probability are never drawn."""
+    import torch
+
+    uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators])
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # the point to invert, kept strictly below the total so that it lands on a token with mass
+    point = torch.minimum((uniforms[:, None] * total.double()).to(cdf.dtype), torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
+
+
 def _draw(logits, generators, temperature: float, top_p: float):
     """The next token of each row: argmax when `generators` is None (greedy), else one draw per row
-    from softmax(logits / temperature) restricted to the top-p nucleus, with the row's own generator
-    (HF's own warpers), so a row's draw does not depend on the other rows of its batch."""
+    from softmax(logits / temperature) restricted to the top-p nucleus (HF's own warpers), with the
+    row's own generator (`draw_tokens`), so a row's draw does not depend on the other rows of its
+    batch."""
     import torch
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -168,8 +190,7 @@ def _draw(logits, generators, temperature: float, top_p: float):
         logits = TemperatureLogitsWarper(temperature)(None, logits)
     if top_p < 1.0:
         logits = TopPLogitsWarper(top_p=top_p)(None, logits)
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)])
+    return draw_tokens(torch.softmax(logits.float(), dim=-1), generators)
 
 
 class TransformersSampler:
@@ -273,16 +294,19 @@ class TransformersSampler:
         import inspect
 
         import torch
-        from transformers import DynamicCache
+        from transformers import StaticCache
 
         from nashalign.data.logprobs import position_ids_from_mask
 
         device = self.model.device
         pad_id = self.tokenizer.pad_token_id
-        cache = DynamicCache()  # filled in place by every forward; newer transformers call the argument `cache`
-        cache_arg = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
         distinct = list(dict.fromkeys(texts))
         encoded = self.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Preallocated for the whole decode and filled in place: a growing cache copies itself at
+        # every step (a sixth of the sampler's time at 128 rows).
+        cache = StaticCache(config=self.model.config, max_cache_len=encoded["input_ids"].shape[1] + self.max_new_tokens)
+        # newer transformers call the argument `cache`
+        cache_arg = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
         rows = torch.tensor([distinct.index(text) for text in texts], device=device)
         mask = encoded["attention_mask"].to(device)
         positions = position_ids_from_mask(mask)
