@@ -28,7 +28,7 @@ import pytest
 
 from nashalign import NashalignError
 from nashalign.judges.http_judge import CACHE_FILE, HttpJudgeOracle
-from nashalign.judges.oracles import build_oracle
+from nashalign.judges.registry import build_oracle
 
 TEMPLATE = "P: {prompt}\nX: {first}\nY: {second}"
 BIAS = 0.5

@@ -15,12 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nashalign import NashalignError
 from nashalign.data.logprobs import (
-    _projects_only_kept_positions,
     pair_logps,
     position_ids_from_mask,
     selective_log_softmax,
     token_logps,
 )
+from nashalign.data.token_logps import _projects_only_kept_positions
 
 
 def naive_selective(logits, index):

@@ -96,7 +96,7 @@ def test_a_pair_model_judge_holds_its_model_only_while_judging(tiny_model_dir):
     """Built from a config, the judge reads the model's config now, loads the weights on its first
     call, drops them on release() (nothing else holds them) and loads them again when asked again;
     the answers are the same before and after."""
-    from nashalign.judges.oracles import build_oracle
+    from nashalign.judges.registry import build_oracle
 
     oracle = build_oracle({"type": "pair_model", "path": str(tiny_model_dir), "device": "cpu", "dtype": "float32"})
     assert not oracle.loaded

@@ -21,10 +21,10 @@ from nashalign.judges.oracles import (
     GameOracle,
     PreferenceOracle,
     ScoringOracle,
-    build_oracle,
     export_for_annotation,
     pair_id,
 )
+from nashalign.judges.registry import build_oracle
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain gradient descent."]
 FIRST = ["Paris is the capital of France.", "The sea is wide and blue.", "It moves against the gradient."]

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from nashalign import NashalignError
+from nashalign.data.artifacts import atomic_write_text
 from nashalign.data.json_input import RECURSION
 from nashalign.models.loader import ModelSpec
 
@@ -556,8 +557,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def dump_config(config: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML to `path` (atomically: temp file, then rename)."""
-    from nashalign.data.artifacts import atomic_write_text
-
     return atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 

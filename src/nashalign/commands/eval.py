@@ -136,7 +136,7 @@ def _win_rate(args) -> dict:
     from nashalign import NashalignError
     from nashalign.data.json_input import RECURSION
     from nashalign.eval.metrics import kl_from_samples, length_controlled_win_rate, length_stats, win_rate
-    from nashalign.judges.oracles import build_oracle
+    from nashalign.judges.registry import build_oracle
     from nashalign.online.loop import PromptsConfig, judge_text, load_prompts, render_prompt
 
     try:

@@ -44,7 +44,7 @@ def _oracle(path: str):
     import yaml
 
     from nashalign import NashalignError
-    from nashalign.judges.oracles import build_oracle
+    from nashalign.judges.registry import build_oracle
 
     try:
         spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ its log-prob is the same up to float rounding.
 
 Why the copy of p_{P-1}: r_0 is predicted by the logits at p_{P-1}, as is c_0. With the copy, every
 response token is predicted by the token just before it in the packed row, so the shift-by-one
-scoring of `nashalign.data.logprobs.token_logps` applies unchanged; it costs one token per pair.
+scoring of `nashalign.data.token_logps.token_logps` applies unchanged; it costs one token per pair.
 
 Costs per pair: P + C + 1 + R tokens instead of 2P + C + R plus padding, and by default all pairs
 of a batch share one row, so nothing is computed on padding.
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from nashalign import NashalignError
+from nashalign.data.token_logps import token_logps_and_logz, unwrap_model
 
 PAD, PROMPT, PROMPT_LAST, CHOSEN, REJECTED = -1, 0, 1, 2, 3
 
@@ -175,8 +176,6 @@ def packed_attention_mask(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     Other implementations (flash-attention varlen, flex) do not take a dense mask: NashalignError.
     Sliding-window layers would need the window in the mask too: refused when a row is longer.
     """
-    from nashalign.data.logprobs import unwrap_model
-
     config = getattr(unwrap_model(model), "config", None)
     implementation = attention_implementation(config) or "eager"
     if implementation not in MASKED_ATTENTION:
@@ -261,8 +260,6 @@ def uses_attention_interface(model: torch.nn.Module) -> bool:
     """Whether `model` (unwrapped) is a transformers model whose attention goes through AttentionInterface."""
     from transformers import PreTrainedModel
 
-    from nashalign.data.logprobs import unwrap_model
-
     base = unwrap_model(model)
     return isinstance(base, PreTrainedModel) and bool(getattr(base, "_supports_attention_backend", False))
 
@@ -274,8 +271,6 @@ def recomputes_forward(model: torch.nn.Module) -> bool:
     pass would attend over the whole row. Such models take the dense-mask path, whose mask is an
     argument of every layer and so is there again when the layer is re-run.
     """
-    from nashalign.data.logprobs import unwrap_model
-
     return torch.is_grad_enabled() and any(
         getattr(module, "gradient_checkpointing", False) for module in unwrap_model(model).modules()
     )
@@ -299,8 +294,6 @@ def _attention_implementation(model: torch.nn.Module, name: str):
     process-wide registry; the entry is new and changes no other implementation)."""
     from transformers import AttentionInterface
 
-    from nashalign.data.logprobs import unwrap_model
-
     if name not in AttentionInterface():
         AttentionInterface.register(name, packed_attention)
     base = unwrap_model(model)
@@ -322,8 +315,6 @@ def packed_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     uses transformers' AttentionInterface, else (and under activation checkpointing) the dense
     `packed_attention_mask`.
     """
-    from nashalign.data.logprobs import token_logps_and_logz
-
     segment, pair_index, response_mask = batch["segment"], batch["pair_index"], batch["response_mask"].bool()
     score = functools.partial(
         token_logps_and_logz, model, batch["input_ids"], response_mask=response_mask, position_ids=batch["position_ids"],

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from nashalign.data.artifacts import atomic_write_text
 
 # Metrics plotted against iteration when present, with their axis labels and whether a log scale fits.
 PLOTTED_METRICS = {
@@ -39,26 +40,38 @@ class ReportPaths:
     plots: tuple[Path, ...]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _finite(values: Sequence[float]) -> bool:
     return any(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
-def plot_metric(series: Mapping[str, Sequence[Mapping]], metric: str, path: Path) -> Path | None:
-    """Plot `metric` against iteration, one line per algorithm; None when no algorithm has it."""
+def _save_line_plot(
+    lines: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, xlabel: str, ylabel: str,
+    marker: str | None = None, log_scale: bool = False,
+) -> Path:
+    """A PNG at `path` with one line of (x, y) points per name, a grid and a legend."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in lines.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker=marker, label=name)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_metric(series: Mapping[str, Sequence[Mapping]], metric: str, path: Path) -> Path | None:
+    """Plot `metric` against iteration, one line per algorithm; None when no algorithm has it."""
     label, log_scale = PLOTTED_METRICS.get(metric, (metric, False))
     lines = {}
     for name, rows in series.items():
@@ -68,44 +81,16 @@ def plot_metric(series: Mapping[str, Sequence[Mapping]], metric: str, path: Path
             lines[name] = points
     if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in lines.items():
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=name)
-    if log_scale and all(y > 0 for pts in lines.values() for _, y in pts):
-        ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(label)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    log_scale = log_scale and all(y > 0 for pts in lines.values() for _, y in pts)
+    return _save_line_plot(lines, path, xlabel="iteration", ylabel=label, marker="o", log_scale=log_scale)
 
 
 def plot_loss_curves(loss_curves: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path | None:
     """Training loss against global step, one line per algorithm; None when there is no data."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     curves = {name: pts for name, pts in loss_curves.items() if pts and _finite([y for _, y in pts])}
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_line_plot(curves, path, xlabel="optimizer step", ylabel="training loss")
 
 
 def _format(value) -> str:
@@ -176,7 +161,7 @@ def write_report(
     if sample_body:
         md += ["", "## Sample responses", "", _markdown_table(sample_header, sample_body)]
     md_path = directory / "report.md"
-    _atomic_write_text(md_path, "\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
 
     images = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">'
@@ -199,5 +184,5 @@ def write_report(
         + "</body></html>"
     )
     html_path = directory / "report.html"
-    _atomic_write_text(html_path, page)
+    atomic_write_text(html_path, page)
     return ReportPaths(markdown=md_path, html=html_path, plots=tuple(plots))

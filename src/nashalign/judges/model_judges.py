@@ -78,6 +78,27 @@ class ModelJudge(Oracle):
             self._model = None
             release()
 
+    def _forward_batches(self, encoded: list[tuple[list[int], bool]], *, left: bool, forward) -> np.ndarray:
+        """(n,) float64 `forward(input_ids, attention_mask)` of each `_encode_tail` output, in inference
+        mode over padded batches of `batch_size` (left- or right-padded, on the model's device); warns
+        once about truncated inputs, reports progress and counts every input as a judge call."""
+        import torch
+
+        if any(truncated for _, truncated in encoded):
+            count = sum(truncated for _, truncated in encoded)
+            logger.warning("%s: %d inputs longer than max_length=%d kept their last tokens", self.name, count, self.max_length)
+        sequences = [ids for ids, _ in encoded]
+        out = np.empty(len(sequences))
+        done = 0
+        with torch.inference_mode():
+            for rows, ids, mask in _padded_batches(sequences, self.batch_size, self.pad_id, left=left):
+                device = self.model.device
+                out[rows] = forward(ids.to(device), mask.to(device))
+                done += len(rows)
+                progress.report(done, len(sequences))
+        self.counts.judge_calls += len(sequences)
+        return out
+
 
 def _encode_tail(tokenizer, text: str, max_length: int, add_special_tokens: bool, text_pair: str | None = None):
     """Token ids of `text` (or a text pair), keeping the last `max_length`; (ids, truncated)."""
@@ -157,31 +178,20 @@ class RewardModelOracle(ModelJudge):
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """(B,) float64 rewards r(prompts[i], responses[i])."""
-        import torch
-
         keys = [hashlib.sha1(f"{p}\0{r}".encode()).digest() for p, r in zip(prompts, responses)]
         todo = {key: (p, r) for key, p, r in zip(keys, prompts, responses) if key not in self._memo}
         if todo:
-            encoded = [self._encode(p, r) for p, r in todo.values()]
-            if any(truncated for _, truncated in encoded):
-                count = sum(truncated for _, truncated in encoded)
-                logger.warning("reward_model: %d inputs longer than max_length=%d kept their last tokens", count, self.max_length)
-            sequences = [ids for ids, _ in encoded]
-            rewards = np.empty(len(sequences))
-            done = 0
-            with torch.inference_mode():
-                for rows, ids, mask in _padded_batches(sequences, self.batch_size, self.pad_id, left=False):
-                    device = self.model.device
-                    logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                    rewards[rows] = logits[:, 0].double().cpu().numpy()
-                    done += len(rows)
-                    progress.report(done, len(sequences))
-            self.counts.judge_calls += len(sequences)
+            rewards = self._forward_batches([self._encode(p, r) for p, r in todo.values()], left=False,
+                                            forward=self._rewards)
             for key, reward in zip(todo, rewards):
                 self._memo[key] = float(reward)
             while len(self._memo) > self.memo_size:
                 self._memo.popitem(last=False)
         return np.array([self._memo[key] for key in keys], dtype=np.float64)
+
+    def _rewards(self, input_ids, attention_mask) -> np.ndarray:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, 0].double().cpu().numpy()
 
     def _prob(self, prompts, first, second):
         rewards = self.score(prompts + prompts, first + second)
@@ -265,32 +275,22 @@ class PairModelOracle(ModelJudge):
 
     def judge(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> np.ndarray:
         """(B,) the judge's own, position-biased q(first, second) (not symmetrized)."""
+        encoded = [self._encode(p, a, b) for p, a, b in zip(prompts, first, second)]
+        return self._forward_batches(encoded, left=True, forward=self._first_label_probs)
+
+    def _first_label_probs(self, input_ids, attention_mask) -> np.ndarray:
+        """(b,) P(first label) over the two labels at the next token of each left-padded row."""
         import torch
 
-        from nashalign.data.logprobs import position_ids_from_mask
+        from nashalign.data.token_logps import position_ids_from_mask
 
-        encoded = [self._encode(p, a, b) for p, a, b in zip(prompts, first, second)]
-        if any(truncated for _, truncated in encoded):
-            count = sum(truncated for _, truncated in encoded)
-            logger.warning("pair_model: %d inputs longer than max_length=%d kept their last tokens", count, self.max_length)
-        sequences = [ids for ids, _ in encoded]
-        out = np.empty(len(sequences))
-        done = 0
-        with torch.inference_mode():
-            for rows, ids, mask in _padded_batches(sequences, self.batch_size, self.pad_id, left=True):
-                device = self.model.device
-                positions = position_ids_from_mask(mask)
-                logits = self.model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    logits_to_keep=1,
-                ).logits[:, -1, self.label_ids]
-                out[rows] = torch.softmax(logits.double(), dim=-1)[:, 0].cpu().numpy()
-                done += len(rows)
-                progress.report(done, len(sequences))
-        self.counts.judge_calls += len(sequences)
-        return out
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=1,
+        ).logits[:, -1, self.label_ids]
+        return torch.softmax(logits.double(), dim=-1)[:, 0].cpu().numpy()
 
     def _prob(self, prompts, first, second):
         return symmetrized(self.judge, prompts, first, second, self.both_orders)

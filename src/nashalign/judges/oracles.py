@@ -9,13 +9,14 @@ asked both orders and averaged,
 or, with `both_orders: false`, asked once in a canonical order (the two texts sorted), which keeps the
 identity at half the cost but leaves the bias in. Identical texts are never sent to a judge: P = ½.
 
-Oracles are built from a plain mapping whose `type` key picks the implementation:
+Oracles are built from a plain mapping whose `type` key picks the implementation
+(`nashalign.judges.registry.build_oracle`):
 
     game          a preference matrix over a finite set of response strings (demo, tests)
     python        a `module:function` plugin with the `prob` signature
     labels        human labels: pairs are exported to JSONL for annotation and read back
-    reward_model  a sequence-classification reward model: P = σ(r_a − r_b)     (model_oracles.py)
-    pair_model    a causal-LM pairwise judge, two label tokens                 (model_oracles.py)
+    reward_model  a sequence-classification reward model: P = σ(r_a − r_b)     (model_judges.py)
+    pair_model    a causal-LM pairwise judge, two label tokens                 (model_judges.py)
     http_judge    an OpenAI-compatible chat-completions server, cached on disk  (http_judge.py)
 
 Each oracle counts its work in `counts` (an `OracleCounts`): `comparisons` is the number of
@@ -26,13 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import importlib
 import json
 import os
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -40,8 +40,8 @@ import numpy as np
 
 from nashalign import NashalignError, progress
 from nashalign.config import ConfigFieldError, from_mapping
-from nashalign.core.games import load_game, validate_game
-from nashalign.data.json_input import load_json
+from nashalign.core.games import validate_game
+from nashalign.data.artifacts import iter_jsonl
 
 
 @dataclasses.dataclass
@@ -321,23 +321,14 @@ def read_labels(path: str | Path) -> dict[str, list[tuple[int, float | None]]]:
     table: dict[str, list[tuple[int, float | None]]] = {}
     if not path.exists():
         return table
-    with path.open(encoding="utf-8") as handle:
-        for line, text in enumerate(handle, 1):
-            if not text.strip():
-                continue
-            try:
-                record = load_json(text, path, line)
-            except json.JSONDecodeError as error:
-                raise NashalignError(f"{path}:{line}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise NashalignError(f"{path}:{line}: expected a JSON object")
-            for key in ("prompt", "first", "second", "label"):
-                if key not in record:
-                    raise NashalignError(f"{path}:{line}: missing field {key!r}")
-                if key != "label" and not isinstance(record[key], str):
-                    raise NashalignError(f"{path}:{line}: field {key!r} must be a string")
-            key = pair_id(record["prompt"], record["first"], record["second"])
-            table.setdefault(key, []).append((line, _parse_label(record["label"], path, line)))
+    for line, record in iter_jsonl(path):
+        for key in ("prompt", "first", "second", "label"):
+            if key not in record:
+                raise NashalignError(f"{path}:{line}: missing field {key!r}")
+            if key != "label" and not isinstance(record[key], str):
+                raise NashalignError(f"{path}:{line}: field {key!r} must be a string")
+        key = pair_id(record["prompt"], record["first"], record["second"])
+        table.setdefault(key, []).append((line, _parse_label(record["label"], path, line)))
     return table
 
 
@@ -450,69 +441,3 @@ def check_template(template: str, fields: set[str], where: str) -> str:
     if problem:
         raise NashalignError(f"{where}: {problem}")
     return template
-
-
-def _build_game(spec, where):
-    config = parse_config(GameConfig, spec, where)
-    if config.path is None:
-        return GameOracle(config.responses, config.P, invalid=config.invalid, strip=config.strip)
-    game = load_game(config.path)
-    if not game.names:
-        raise NashalignError(f"{config.path}: the game file needs 'names' (the response strings) for a game oracle")
-    return GameOracle(list(game.names), game.P, invalid=config.invalid, strip=config.strip)
-
-
-def _build_python(spec, where):
-    config = parse_config(PythonConfig, spec, where)
-    function = load_function(config.function, f"{where}: function")
-    if config.kwargs:
-        function = functools.partial(function, **config.kwargs)
-    return PythonOracle(function, both_orders=config.both_orders, label=f"python {config.function}")
-
-
-def _build_labels(spec, where):
-    return LabelsOracle(parse_config(LabelsConfig, spec, where).path)
-
-
-def _build_reward_model(spec, where):
-    from nashalign.judges.model_judges import build_reward_model
-
-    return build_reward_model(spec, where)
-
-
-def _build_pair_model(spec, where):
-    from nashalign.judges.model_judges import build_pair_model
-
-    return build_pair_model(spec, where)
-
-
-def _build_http_judge(spec, where):
-    from nashalign.judges.http_judge import build_http_judge
-
-    return build_http_judge(spec, where)
-
-
-BUILDERS: dict[str, Callable[[Mapping, str], Oracle]] = {
-    "game": _build_game,
-    "python": _build_python,
-    "labels": _build_labels,
-    "reward_model": _build_reward_model,
-    "pair_model": _build_pair_model,
-    "http_judge": _build_http_judge,
-}
-
-
-def build_oracle(spec, where: str = "oracle") -> Oracle:
-    """An oracle from a mapping (or dataclass) whose `type` key names the implementation.
-
-    `where` prefixes error messages (the spec's place in the config, e.g. "run.yaml: oracle").
-    """
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        spec = dataclasses.asdict(spec)
-    if not isinstance(spec, Mapping):
-        raise NashalignError(f"{where}: expected a mapping with a 'type' key, got {type(spec).__name__}")
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    if kind not in BUILDERS:
-        raise NashalignError(f"{where}: type: expected one of {', '.join(BUILDERS)}, got {kind!r}")
-    return BUILDERS[kind](spec, where)

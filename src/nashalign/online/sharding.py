@@ -130,7 +130,7 @@ def split_oracle(oracle: Any, spec: dict | None, state) -> SplitOracle:
     """The loop's oracle: `oracle` (an object, on every process) or one built from the config
     mapping `spec`, split over the processes unless it writes shared files (then built and asked on
     the main process only)."""
-    from nashalign.judges.oracles import build_oracle
+    from nashalign.judges.registry import build_oracle
 
     if oracle is not None:
         return SplitOracle(oracle, state, split=getattr(oracle, "name", None) not in MAIN_PROCESS_ORACLES)

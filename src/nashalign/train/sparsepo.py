@@ -84,8 +84,8 @@ def token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.T
 
 def forward_at(model, batch: dict[str, torch.Tensor], keep: torch.Tensor, *, hidden_states: bool = False):
     """Logits (n, V) at the `keep` positions of a collated batch (and the model's output), projecting
-    only those positions onto the vocabulary when the model can (see nashalign.data.logprobs)."""
-    from nashalign.data.logprobs import _projects_only_kept_positions
+    only those positions onto the vocabulary when the model can (see nashalign.data.token_logps)."""
+    from nashalign.data.token_logps import _projects_only_kept_positions
 
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "position_ids": batch.get("position_ids", position_ids_from_mask(batch["attention_mask"])),
@@ -141,7 +141,7 @@ class ActivationRecorder:
 
 
 def _decoder_layers(model) -> nn.ModuleList:
-    from nashalign.data.logprobs import unwrap_model
+    from nashalign.data.token_logps import unwrap_model
 
     base = unwrap_model(model)
     inner = getattr(base, "model", None) or getattr(base, "transformer", None)
