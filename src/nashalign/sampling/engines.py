@@ -26,134 +26,29 @@ backend's seeding is described in nashalign.sampling.vllm_engine.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal, Protocol
-
-import numpy as np
+from typing import Literal
 
 from nashalign import NashalignError
-from nashalign.models.loader import ModelSpec, load_generation_config
+from nashalign.models.loader import ModelSpec
+from nashalign.sampling.generation import (
+    Generation,
+    Sampler,
+    SamplerSettings,
+    check_generate_args,
+    eos_token_ids,
+    finish,
+    sample_seed,
+    stop_token_ids,
+)
+
+# Generation, Sampler, sample_seed and stop_token_ids live in nashalign.sampling.generation (shared
+# with the vLLM backend) and are importable from here too.
+__all__ = ["Generation", "Sampler", "SamplerPool", "TransformersSampler", "VLLM_MIN_WORK_TOKENS", "draw_tokens",
+           "make_sampler", "sample_seed", "stop_token_ids"]
 
 logger = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One sampled response.
-
-    `token_ids` are the response tokens only: no prompt, no padding, and not the stop token itself;
-    `text` is their decoding. `finish_reason` is "stop" when the model produced an EOS token right
-    after `token_ids` and "length" when `max_new_tokens` tokens were produced without one.
-    `stop_token_id` is the EOS id that ended the response (a model may stop on several: Llama 3
-    lists <|end_of_text|> and <|eot_id|> in its generation config), None for "length".
-    """
-
-    prompt_index: int
-    sample_index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    stop_token_id: int | None
-
-    @property
-    def response_ids(self) -> list[int]:
-        """What the policy produced, as pairs are scored and trained on: `token_ids`, then the stop
-        token that ended them (none after a response cut by max_new_tokens)."""
-        return self.token_ids + ([] if self.stop_token_id is None else [self.stop_token_id])
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any], default_stop_id: int) -> Generation:
-        """A Generation from its dict form (a row of generations.jsonl). Rows written before stop
-        tokens were recorded have no `stop_token_id`: a stopped one gets `default_stop_id`."""
-        fields = {key: row[key] for key in ("prompt_index", "sample_index", "text", "token_ids", "finish_reason")}
-        stop = row.get("stop_token_id", default_stop_id if row["finish_reason"] == "stop" else None)
-        return cls(**fields, stop_token_id=stop)
-
-
-class Sampler(Protocol):
-    def generate(
-        self,
-        prompts: list[str],
-        n: int,
-        *,
-        progress: bool = True,
-        prompt_indices: Sequence[int] | None = None,
-    ) -> list[list[Generation]]: ...
-
-    def update_weights(self, model) -> None: ...
-
-
-def sample_seed(seed: int, prompt_key: int, sample_index: int | None = None) -> int:
-    """A 63-bit seed derived from (seed, prompt, sample) with numpy's SeedSequence (well mixed, stable)."""
-    entropy = [seed, prompt_key] if sample_index is None else [seed, prompt_key, sample_index]
-    high, low = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    return ((int(high) << 32) | int(low)) >> 1
-
-
-def _check_sampling_args(max_new_tokens, temperature, top_p, seed, batch_size=1):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise NashalignError(f"sampling: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise NashalignError(f"sampling: batch_size must be an integer >= 1, got {batch_size!r}")
-    if not temperature >= 0:
-        raise NashalignError(f"sampling: temperature must be >= 0 (0 means greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise NashalignError(f"sampling: top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise NashalignError(f"sampling: seed must be a non-negative integer, got {seed!r}")
-
-
-def _check_generate_args(prompts, n, prompt_indices) -> list[int]:
-    if not isinstance(n, int) or n < 1:
-        raise NashalignError(f"sampling: n (samples per prompt) must be an integer >= 1, got {n!r}")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt:
-            raise NashalignError(f"sampling: prompt {i} must be a non-empty string, got {prompt!r}")
-    keys = list(range(len(prompts))) if prompt_indices is None else [int(k) for k in prompt_indices]
-    if len(keys) != len(prompts):
-        raise NashalignError(
-            f"sampling: prompt_indices has {len(keys)} entries but there are {len(prompts)} prompts"
-        )
-    if len(set(keys)) != len(keys) or any(k < 0 for k in keys):
-        raise NashalignError("sampling: prompt_indices must be distinct non-negative integers")
-    return keys
-
-
-def _eos_token_ids(model, tokenizer) -> list[int]:
-    """The model's EOS ids (its generation config may list several), else the tokenizer's EOS."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [configured] if isinstance(configured, int) else list(configured or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise NashalignError("sampling: the tokenizer has no eos_token and the model config names none")
-    return ids
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """The EOS ids generation from `model` (a ModelSpec, a directory or a hub name) stops on: its
-    generation config's `eos_token_id` (one id or a list), then the tokenizer's EOS."""
-    return _eos_token_ids(SimpleNamespace(generation_config=load_generation_config(model)), tokenizer)
-
-
-def _finish(
-    new_ids: Sequence[int], eos_ids: Sequence[int], max_new_tokens: int, tokenizer
-) -> tuple[str, list[int], FinishReason, int | None]:
-    """Cut the generated ids at the first EOS; everything after it (padding) is dropped. Returns the
-    text, the kept ids, the finish reason and the EOS id that stopped the response (or None)."""
-    ids = list(new_ids)
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            kept = ids[:position]
-            return tokenizer.decode(kept), kept, "stop", token
-    kept = ids[:max_new_tokens]
-    return tokenizer.decode(kept), kept, "length", None
-
 
 def draw_tokens(probs, generators):
     """One token per row of `probs` (each row a categorical distribution, not necessarily
@@ -193,7 +88,7 @@ def _draw(logits, generators, temperature: float, top_p: float):
     return draw_tokens(torch.softmax(logits.float(), dim=-1), generators)
 
 
-class TransformersSampler:
+class TransformersSampler(SamplerSettings):
     """Batched sampling with Hugging Face `generate` (KV cache, left padding).
 
     Args:
@@ -222,14 +117,12 @@ class TransformersSampler:
         batch_size: int = 8,
         seed: int = 0,
     ):
-        _check_sampling_args(max_new_tokens, temperature, top_p, seed, batch_size)
+        super().__init__(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise NashalignError(f"sampling: batch_size must be an integer >= 1, got {batch_size!r}")
         self.model = model
         self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
         self.batch_size = batch_size
-        self.seed = seed
 
     def update_weights(self, model) -> None:
         """Sample from `model` from now on: a `PreTrainedModel`, or a checkpoint directory to load
@@ -254,12 +147,13 @@ class TransformersSampler:
         """
         from tqdm.auto import tqdm
 
-        keys = _check_generate_args(prompts, n, prompt_indices)
+        keys = check_generate_args(prompts, n, prompt_indices)
+        self.check_settings()
         greedy = self.temperature == 0
         # Greedy samples of one prompt are identical: generate each prompt once and copy it.
         rows = [(p, j) for p in range(len(prompts)) for j in range(1 if greedy else n)]
         results: list[list[Generation]] = [[] for _ in prompts]
-        eos_ids = _eos_token_ids(self.model, self.tokenizer)
+        eos_ids = eos_token_ids(self.model, self.tokenizer)
         was_training = self.model.training
         saved_padding_side, saved_pad_token = self.tokenizer.padding_side, self.tokenizer.pad_token
         self.model.eval()
@@ -272,7 +166,7 @@ class TransformersSampler:
                     batch = rows[start : start + self.batch_size]
                     new_ids = self._generate_batch([prompts[p] for p, _ in batch], batch, keys, eos_ids)
                     for (p, j), ids in zip(batch, new_ids):
-                        text, kept, reason, stop = _finish(ids, eos_ids, self.max_new_tokens, self.tokenizer)
+                        text, kept, reason, stop = finish(ids, eos_ids, self.max_new_tokens, self.tokenizer)
                         for sample in range(n) if greedy else [j]:
                             results[p].append(Generation(keys[p], sample, text, list(kept), reason, stop))
                     bar.update(len(batch) * (n if greedy else 1))

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from nashalign import NashalignError
 from nashalign.models.loader import ModelSpec, as_spec, load_tokenizer, local_directory
-from nashalign.sampling.engines import (
+from nashalign.sampling.generation import (
     Generation,
-    _check_generate_args,
-    _check_sampling_args,
-    _finish,
+    SamplerSettings,
+    check_generate_args,
+    finish,
     sample_seed,
     stop_token_ids,
 )
@@ -55,7 +55,7 @@ def _max_positions(path: Path) -> int:
     return int(config.get("max_position_embeddings") or 0)
 
 
-class VLLMSampler:
+class VLLMSampler(SamplerSettings):
     """Sampling with vLLM's offline engine; new policies' weights are loaded into the running engine.
 
     Args:
@@ -90,16 +90,12 @@ class VLLMSampler:
         tokenizer_path=None,
         llm_kwargs: dict | None = None,
     ):
-        _check_sampling_args(max_new_tokens, temperature, top_p, seed)
+        super().__init__(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         available, reason = vllm_available()
         if not available:
             raise NashalignError(f"sampling: the vLLM backend is unavailable: {reason}")
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise NashalignError(f"sampling: tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
-        self.max_new_tokens = max_new_tokens
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.seed = seed
         self.tensor_parallel_size = tensor_parallel_size
         self.tokenizer_path = tokenizer_path
         self.llm_kwargs = dict(llm_kwargs or {})
@@ -211,8 +207,8 @@ class VLLMSampler:
         """Same contract as `TransformersSampler.generate`."""
         from vllm import SamplingParams
 
-        keys = _check_generate_args(prompts, n, prompt_indices)
-        _check_sampling_args(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+        keys = check_generate_args(prompts, n, prompt_indices)
+        self.check_settings()
         self._wake()
         requests = [
             {"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
@@ -241,7 +237,7 @@ class VLLMSampler:
                 completions = completions * n
             row = []
             for j, completion in enumerate(completions):
-                text, kept, reason, stop = _finish(
+                text, kept, reason, stop = finish(
                     completion.token_ids, self.eos_ids, self.max_new_tokens, self.tokenizer
                 )
                 if completion.finish_reason == "stop" and stop is None:  # the stop token was not returned
