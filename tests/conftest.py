@@ -94,11 +94,16 @@ def two_eos_model_dir(tmp_path_factory):
     return directory
 
 
-def _kill_at_pause(point: str, arguments: list[str], env: dict[str, str], timeout: float = 600) -> None:
+def _kill_at_pause(point: str, arguments: list[str], env: dict[str, str], timeout: float = 600, *,
+                   process_group: bool = False) -> None:
     """Run `nashalign <arguments>` through tests/plugins/pause_point.py, wait until it reports that it
     reached `point` (it then blocks there for good), SIGKILL it, and check that it died by the kill.
     No polling: the wait is a blocking read on a pipe, which ends early (end-of-file) only if the
-    process exits without reaching the point. `timeout` only turns a hang into a failure."""
+    process exits without reaching the point. `timeout` only turns a hang into a failure.
+    `process_group`: the process runs in a session of its own and the SIGKILL goes to its whole
+    process group, so processes it started die with it (vLLM's engine processes outlive a SIGKILLed
+    parent)."""
+    import contextlib
     import select
     import signal
     import subprocess
@@ -112,13 +117,17 @@ def _kill_at_pause(point: str, arguments: list[str], env: dict[str, str], timeou
         try:
             process = subprocess.Popen(
                 [sys.executable, str(plugins / "pause_point.py"), point, str(write_end), *arguments],
-                env=env, pass_fds=(write_end,), stdout=log, stderr=subprocess.STDOUT,
+                env=env, pass_fds=(write_end,), stdout=log, stderr=subprocess.STDOUT, start_new_session=process_group,
             )
             os.close(write_end)
             write_end = -1
             ready, _, _ = select.select([read_end], [], [], timeout)
             message = os.read(read_end, 64) if ready else b""
-            process.kill()  # SIGKILL
+            if process_group:
+                with contextlib.suppress(ProcessLookupError):  # the group is gone if all of it exited
+                    os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()  # SIGKILL
             process.wait()
         finally:
             os.close(read_end)
@@ -133,5 +142,5 @@ def _kill_at_pause(point: str, arguments: list[str], env: dict[str, str], timeou
 
 @pytest.fixture()
 def kill_at_pause():
-    """`kill_at_pause(point, arguments, env)`: see _kill_at_pause."""
+    """`kill_at_pause(point, arguments, env, timeout=600, *, process_group=False)`: see _kill_at_pause."""
     return _kill_at_pause

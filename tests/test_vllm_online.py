@@ -2,19 +2,18 @@
 
 Runs (each `nashalign online` in a subprocess; every engine start costs about a minute on a CPU):
 (1) two INPO iterations uninterrupted: one engine for the whole run, each new policy's weights
-loaded into it in place; (2) the same config SIGKILLed while iteration 1 samples, then rerun:
-the final weights and every artifact equal run (1)'s (a new engine built from π_1's checkpoint
-samples what the reloaded engine sampled); (3) two processes under `accelerate launch` (one engine
-each, sampling half the prompts): iteration 0's samples equal run (1)'s byte for byte.
+loaded into it in place; (2) the same config SIGKILLed as the engine is about to draw iteration 1's
+samples (stopped there by tests/plugins/pause_point.py), then rerun: the final weights and every
+artifact equal run (1)'s (a new engine built from π_1's checkpoint samples what the reloaded engine
+sampled); (3) two processes under `accelerate launch` (one engine each, sampling half the
+prompts): iteration 0's samples equal run (1)'s byte for byte.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -96,28 +95,19 @@ def test_two_iterations_with_one_engine_whose_weights_are_updated_in_place(setti
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_killed_during_vllm_sampling_resumes_to_the_same_run(setting, uninterrupted):
-    """SIGKILL as soon as iteration 1 starts sampling π_1 (its directory exists, its samples do
-    not), rerun: the final weights are bit-for-bit those of the uninterrupted run, and the same
-    artifacts hold the same rows."""
+def test_killed_during_vllm_sampling_resumes_to_the_same_run(setting, uninterrupted, kill_at_pause):
+    """SIGKILL as the engine, holding π_1's weights, is about to sample iteration 1's prompts (for
+    iteration 0's win rate; its samples are not written), rerun: the final weights are bit-for-bit
+    those of the uninterrupted run, and the same artifacts hold the same rows."""
     root, model_dir = setting
     clean_dir, _ = uninterrupted
     config = _config(root, model_dir, "crash")
     run_dir = root / "runs" / "crash"
     # its own process group: the kill takes vLLM's engine processes too (they outlive a SIGKILLed parent)
-    process = subprocess.Popen(_online(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.monotonic() + 600
-    try:
-        while not (run_dir / "iter_1").exists():
-            assert process.poll() is None, "the loop finished before the kill point was reached"
-            assert time.monotonic() < deadline, "kill point not reached in time"
-            time.sleep(0.005)
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_at_pause("vllm-sampling", ["online", "--config", str(config)], _env(), process_group=True)
+    assert (run_dir / "iter_0" / "train" / "final").is_dir() and (run_dir / "iter_1").is_dir()
     assert not (run_dir / "iter_1" / "generations.jsonl").exists()
+    assert not (run_dir / "iter_0" / "summary.json").exists()
 
     resumed = subprocess.run(_online(config), env=_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

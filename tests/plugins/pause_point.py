@@ -8,6 +8,9 @@ loaded the machine is. If the process ends without reaching POINT, the test read
 
 Points:
     sampling    the second sampler is about to be built (an online run: iteration 1's sampling)
+    vllm-sampling  the vLLM sampler is about to generate for the second time (an online run with
+                sampling.backend vllm, one engine for the run: π_1's samples for iteration 1, drawn
+                for iteration 0's win rate after the engine took π_1's weights)
     judging     the python oracle vowel_judge:prefer_vowels is called for the first time
     checkpoint  a training phase's first checkpoint is complete (its final/ not yet written)
     mid-save    the second checkpoint's files are half written (model and optimizer, no marker yet)
@@ -50,6 +53,10 @@ def _install(point: str) -> None:
         import nashalign.sampling.engines
 
         _pause_on_call(nashalign.sampling.engines, "make_sampler", 2)
+    elif point == "vllm-sampling":
+        import nashalign.sampling.vllm_engine
+
+        _pause_on_call(nashalign.sampling.vllm_engine.VLLMSampler, "generate", 2)
     elif point == "judging":
         import vowel_judge
 

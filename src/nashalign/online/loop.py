@@ -281,25 +281,25 @@ def _train(pairs, logps, phase: TrainConfig, tokenizer, state) -> Path:
     return result.final_dir
 
 
-def _win_rate(run_dir: Path, t: int, current: PromptSet, groups, oracle, config: OnlineConfig, tokenizer, state,
-              progress: bool, pool) -> tuple[float, int]:
+def _win_rate(run: _Run, t: int, current: PromptSet, groups) -> tuple[float, int]:
     """The win rate of π_{t+1} over π_t and the comparisons it took: sample j of each prompt under
     π_{t+1} against sample j under π_t, judged by the oracle (P, not a draw), averaged.
 
     π_{t+1}'s samples are iteration t+1's (iter_<t+1>/generations.jsonl, which that iteration
     then uses) when it answers the same prompts, else iter_<t>/next_generations.jsonl."""
-    following = run_dir / f"iter_{t + 1}"
+    config = run.config
+    following = run.run_dir / f"iter_{t + 1}"
     if prompt_file(config.prompts, t + 1) == current.file:
         following.mkdir(exist_ok=True)
         path, seed = following / "generations.jsonl", stage_seed(config.run.seed, t + 1, 0)
     else:
-        path, seed = run_dir / f"iter_{t}" / "next_generations.jsonl", stage_seed(config.run.seed, t, 3)
-    next_groups = _generate(path, policy_path(config, t + 1), tokenizer, current.rendered, config, seed, state,
-                            progress, pool)
+        path, seed = run.run_dir / f"iter_{t}" / "next_generations.jsonl", stage_seed(config.run.seed, t, 3)
+    next_groups = _generate(path, policy_path(config, t + 1), run.tokenizer, current.rendered, config, seed,
+                            run.state, run.progress, run.pool)
     first = [g["text"] for group in next_groups for g in group]
     second = [g["text"] for group in groups for g in group]
     prompts = [current.judge[p] for p, group in enumerate(groups) for _ in group]
-    return float(np.mean(oracle.prob(prompts, first, second))), len(first)
+    return float(np.mean(run.oracle.prob(prompts, first, second))), len(first)
 
 
 def _summary_row(it: Path, t: int, groups, stats: dict, truncation: TruncationReport, win_rate: float | None,
@@ -325,6 +325,77 @@ def _summary_row(it: Path, t: int, groups, stats: dict, truncation: TruncationRe
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the stages of one run share: the config, this process's state (accelerate's PartialState),
+    the oracle (split over the processes), the run directory, the tokenizer, the sampler pool (it
+    keeps a vLLM engine across iterations, new weights loaded in place; closed at the end), whether
+    to show progress bars, and the prompt sets read so far (one per prompts file)."""
+
+    config: OnlineConfig
+    state: Any
+    oracle: Any
+    run_dir: Path
+    tokenizer: Any
+    pool: SamplerPool
+    progress: bool
+    prompt_sets: dict[str, PromptSet] = dataclasses.field(default_factory=dict)
+
+    def prompts(self, t: int) -> PromptSet:
+        """Iteration t's prompts (each file read once)."""
+        file = prompt_file(self.config.prompts, t)
+        if file not in self.prompt_sets:
+            self.prompt_sets[file] = prompt_set(self.config.prompts, t, self.tokenizer)
+        return self.prompt_sets[file]
+
+
+def run_online(
+    config: OnlineConfig, *, oracle=None, on_iteration=None, progress: bool = True
+) -> OnlineResult:
+    """Run, resume or extend the online loop. `oracle` overrides `config.oracle` (a Python object);
+    `on_iteration(t, summary_row, policy_path)` is called as each iteration's summary completes
+    (on every process), with the path of π_{t+1}.
+
+    Under `accelerate launch` every process calls this with the same config (and an equal `oracle`
+    object, if any) and gets the same result; the process group stays initialized for the caller
+    (the CLI destroys it). `progress`: progress bars, on the local main process only.
+    """
+    config = validated(config)
+    state = process_state()
+    oracle = split_oracle(oracle, config.oracle, state)
+    run_dir = _prepare_run_dir(config, state)
+    tokenizer = load_tokenizer(config.model.tokenizer_spec(), where="model")
+    trackers = IterationTrackers(config.output.report_to, run_dir, to_dict(config)) if state.is_main_process else None
+    run = _Run(config, state, oracle, run_dir, tokenizer, SamplerPool(), progress)
+    summaries: list[dict[str, Any]] = []
+    try:
+        for t in range(config.run.iterations):
+            row, final = _iteration(run, t)
+            summaries.append(row)
+            if state.is_main_process:
+                _log_summary(row)
+                trackers.log_iteration(row, run_dir / f"iter_{t}" / "train" / "metrics.jsonl")
+            if on_iteration is not None:
+                on_iteration(t, row, final)
+    finally:
+        run.pool.close()
+    if trackers is not None:
+        trackers.finish()
+    state.wait_for_everyone()  # no process returns before the main process has written everything
+    return OnlineResult(run_dir, Path(policy_path(config, config.run.iterations)), summaries)
+
+
+def _prepare_run_dir(config: OnlineConfig, state) -> Path:
+    """The run directory, made if new and checked against the config by the main process (a rerun
+    resumes it, a larger run.iterations extends it, another config is refused on every process)."""
+    run_dir = run_directory(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    problem = from_main(state, lambda: _open_run_dir(run_dir, config))
+    if problem is not None:
+        raise NashalignError(problem)
+    return run_dir
 
 
 def _open_run_dir(run_dir: Path, config: OnlineConfig) -> str | None:
@@ -353,96 +424,84 @@ def _open_run_dir(run_dir: Path, config: OnlineConfig) -> str | None:
     return None
 
 
-def run_online(
-    config: OnlineConfig, *, oracle=None, on_iteration=None, progress: bool = True
-) -> OnlineResult:
-    """Run, resume or extend the online loop. `oracle` overrides `config.oracle` (a Python object);
-    `on_iteration(t, summary_row, policy_path)` is called as each iteration's summary completes
-    (on every process), with the path of π_{t+1}.
+def _iteration(run: _Run, t: int) -> tuple[dict[str, Any], Path]:
+    """Iteration t, every stage skipped whose artifact exists: sample π_t and judge, cut the pairs,
+    score and train π_{t+1}, summarize. Returns the summary row and the path of π_{t+1}."""
+    it = run.run_dir / f"iter_{t}"
+    it.mkdir(exist_ok=True)
+    phase = phase_config(run.config, t)
+    current = run.prompts(t)
+    groups, opponents, pairs, stats = _sample_and_judge(run, it, t, phase.model.name_or_path, current)
+    tokenized, truncation = _training_pairs(run, t, pairs, groups, opponents, current)
+    final = _score_and_train(run, it, t, phase, tokenized)
+    return _summary(run, it, t, current, groups, stats, truncation), final
 
-    Under `accelerate launch` every process calls this with the same config (and an equal `oracle`
-    object, if any) and gets the same result; the process group stays initialized for the caller
-    (the CLI destroys it). `progress`: progress bars, on the local main process only.
-    """
-    config = validated(config)
-    state = process_state()
-    oracle = split_oracle(oracle, config.oracle, state)
-    run_dir = run_directory(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    problem = from_main(state, lambda: _open_run_dir(run_dir, config))
-    if problem is not None:
-        raise NashalignError(problem)
 
-    tokenizer = load_tokenizer(config.model.tokenizer_spec(), where="model")
-    prompt_sets: dict[str, PromptSet] = {}
+def _sample_and_judge(run: _Run, it: Path, t: int, policy: str, current: PromptSet):
+    """Stages 1 and 2: K samples of each prompt from π_t at `policy`, and the pairs the oracle makes
+    of them (nash-md: each sample judged against its opponent from the mixture of π_t and π_ref).
+    The judge's memory is released after. Returns (groups, opponents or None, pairs, pair stats)."""
+    config, state = run.config, run.state
+    groups = _generate(it / "generations.jsonl", policy, run.tokenizer, current.rendered, config,
+                       stage_seed(config.run.seed, t, 0), state, run.progress, run.pool)
+    opponents = None
+    if config.run.algorithm == "nash-md":
+        opponents = _generate(it / "opponents.jsonl", policy, run.tokenizer, current.rendered, config,
+                              stage_seed(config.run.seed, t, 4), state, run.progress, run.pool,
+                              ref_path=reference_path(config, t))
+        pairs, stats = judge_opponents_stage(it, run.oracle, current.judge, groups, opponents, state)
+    else:
+        pairs, stats = _judge(it, run.oracle, current.judge, groups, config, t, state)
+    release(run.oracle)  # judging is over: the judge's model leaves memory before scoring and training
+    if not pairs:
+        raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
+    return groups, opponents, pairs, stats
 
-    def prompts_of(t: int) -> PromptSet:
-        file = prompt_file(config.prompts, t)
-        if file not in prompt_sets:
-            prompt_sets[file] = prompt_set(config.prompts, t, tokenizer)
-        return prompt_sets[file]
 
-    summaries: list[dict[str, Any]] = []
-    trackers = IterationTrackers(config.output.report_to, run_dir, to_dict(config)) if state.is_main_process else None
-    pool = SamplerPool()  # keeps a vLLM engine across iterations (new weights in place); closed at the end
-    try:
-        for t in range(config.run.iterations):
-            it = run_dir / f"iter_{t}"
-            it.mkdir(exist_ok=True)
-            phase = phase_config(config, t)
-            current = prompts_of(t)
-            groups = _generate(it / "generations.jsonl", phase.model.name_or_path, tokenizer, current.rendered, config,
-                               stage_seed(config.run.seed, t, 0), state, progress, pool)
-            opponents = None
-            if config.run.algorithm == "nash-md":
-                opponents = _generate(it / "opponents.jsonl", phase.model.name_or_path, tokenizer, current.rendered,
-                                      config, stage_seed(config.run.seed, t, 4), state, progress, pool,
-                                      ref_path=reference_path(config, t))
-                pairs, stats = judge_opponents_stage(it, oracle, current.judge, groups, opponents, state)
-            else:
-                pairs, stats = _judge(it, oracle, current.judge, groups, config, t, state)
-            release(oracle)  # judging is over: the judge's model leaves memory before scoring and training
-            if not pairs:
-                raise NashalignError(f"{it}: the oracle's judgments kept no pair; nothing to train on")
-            tokenized, truncation = truncate_pairs(
-                tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id, opponents),
-                max_length=config.data.max_length,
-                max_prompt_length=config.data.max_prompt_length, bos_id=tokenizer.bos_token_id,
-            )
-            if truncation.truncated_prompts or truncation.truncated_responses or truncation.dropped:
-                logger.warning("iteration %d: data.max_length / data.max_prompt_length: %s", t, truncation.summary())
-            logps = _score(it, tokenized, phase, tokenizer, state)
-            final = _train(tokenized, logps, phase, tokenizer, state)
-            release()
-            if has_aux_phase(config, t):  # π̂_t from π̂_{t−1} on the same pairs and log-probs
-                _train(tokenized, logps, phase_config(config, t, aux=True), tokenizer, state)
-                release()  # the trained policy is on disk; its memory returns before the next sampling
+def _training_pairs(run: _Run, t: int, pairs: list[dict], groups, opponents,
+                    current: PromptSet) -> tuple[list[TokenizedPair], TruncationReport]:
+    """The pairs as token ids, cut to data.max_length / data.max_prompt_length (with a warning when
+    anything was cut)."""
+    config, tokenizer = run.config, run.tokenizer
+    tokenized, truncation = truncate_pairs(
+        tokenized_pairs(pairs, groups, current.ids, tokenizer.eos_token_id, opponents),
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length, bos_id=tokenizer.bos_token_id,
+    )
+    if truncation.truncated_prompts or truncation.truncated_responses or truncation.dropped:
+        logger.warning("iteration %d: data.max_length / data.max_prompt_length: %s", t, truncation.summary())
+    return tokenized, truncation
 
-            if from_main(state, (it / "summary.json").exists):
-                row = read_json(it / "summary.json")
-            else:
-                calls_before = oracle.counts.judge_calls
-                win_rate, comparisons = None, 0
-                if config.summary.win_rate:
-                    win_rate, comparisons = _win_rate(run_dir, t, current, groups, oracle, config, tokenizer, state,
-                                                      progress, pool)
-                    release(oracle)  # the judge's model is not kept through the next iteration's sampling
-                row = _summary_row(it, t, groups, stats, truncation, win_rate, comparisons,
-                                   oracle.counts.judge_calls - calls_before)
-                if state.is_main_process:
-                    write_json(it / "summary.json", row)
-            summaries.append(row)
-            if state.is_main_process:
-                _log_summary(row)
-                trackers.log_iteration(row, it / "train" / "metrics.jsonl")
-            if on_iteration is not None:
-                on_iteration(t, row, final)
-    finally:
-        pool.close()
-    if trackers is not None:
-        trackers.finish()
-    state.wait_for_everyone()  # no process returns before the main process has written everything
-    return OnlineResult(run_dir, Path(policy_path(config, config.run.iterations)), summaries)
+
+def _score_and_train(run: _Run, it: Path, t: int, phase: TrainConfig, tokenized: list[TokenizedPair]) -> Path:
+    """Stages 3 and 4: the pairs' log-probs, then π_{t+1} (and for inpo-optimistic at t ≥ 1, π̂_t from
+    π̂_{t−1} on the same pairs and log-probs), each model's memory released after its training.
+    Returns the path of π_{t+1}."""
+    logps = _score(it, tokenized, phase, run.tokenizer, run.state)
+    final = _train(tokenized, logps, phase, run.tokenizer, run.state)
+    release()
+    if has_aux_phase(run.config, t):
+        _train(tokenized, logps, phase_config(run.config, t, aux=True), run.tokenizer, run.state)
+        release()  # the trained policy is on disk; its memory returns before the next sampling
+    return final
+
+
+def _summary(run: _Run, it: Path, t: int, current: PromptSet, groups, stats: dict,
+             truncation: TruncationReport) -> dict[str, Any]:
+    """Iteration t's summary row: read back from summary.json if the iteration finished, else made
+    (with the win rate of π_{t+1} over π_t unless summary.win_rate is false) and written."""
+    if from_main(run.state, (it / "summary.json").exists):
+        return read_json(it / "summary.json")
+    calls_before = run.oracle.counts.judge_calls
+    win_rate, comparisons = None, 0
+    if run.config.summary.win_rate:
+        win_rate, comparisons = _win_rate(run, t, current, groups)
+        release(run.oracle)  # the judge's model is not kept through the next iteration's sampling
+    row = _summary_row(it, t, groups, stats, truncation, win_rate, comparisons,
+                       run.oracle.counts.judge_calls - calls_before)
+    if run.state.is_main_process:
+        write_json(it / "summary.json", row)
+    return row
 
 
 def _log_summary(row: dict[str, Any]) -> None:
