@@ -377,3 +377,24 @@ def test_a_finished_run_is_extended_and_other_changes_are_refused(per_iteration_
     assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["run"]["iterations"] == 2
     with pytest.raises(NashalignError, match=r"run\.iterations: was 2, now 1; a run can be extended, not shortened"):
         run_online(from_mapping(OnlineConfig, mapping), oracle=oracle, progress=False)
+
+
+def test_sampling_dtype_loads_only_the_samplers_copy_in_bfloat16(tmp_path, tiny_model_dir, monkeypatch):
+    """sampling.dtype: bfloat16 — every sampler of the run (iteration 0's, the summary's) computes in
+    bfloat16, while training loads and saves float32 weights."""
+    from nashalign.sampling import engines
+
+    loaded = []
+    original = engines._load_causal_lm
+
+    def recording(model):
+        result = original(model)
+        loaded.append(result.dtype)
+        return result
+
+    monkeypatch.setattr(engines, "_load_causal_lm", recording)
+    config = from_mapping(OnlineConfig, _config(tmp_path, tiny_model_dir, iterations=1, sampling__dtype="bfloat16"))
+    run_dir = run_online(config, oracle=GameOracle(ANSWERS, GAME_P, invalid="worst")).run_dir
+    assert loaded == [torch.bfloat16, torch.bfloat16]
+    final = load_file(run_dir / "iter_0" / "train" / "final" / "model.safetensors")
+    assert {tensor.dtype for tensor in final.values()} == {torch.float32}

@@ -22,6 +22,7 @@ from nashalign.online.config import (
     has_aux_phase,
     policy_path,
     reference_path,
+    sampling_spec,
     stage_seed,
 )
 from nashalign.online.loop import OnlineConfig, phase_config
@@ -81,6 +82,8 @@ def test_a_key_the_loop_sets_is_refused_with_file_line_and_reason(tmp_path, sect
     ({"run": {"algorithm": "nash-md"}, "pairs": {"decide": "threshold"}}, "pairs.decide", "no pair construction"),
     ({"run": {"algorithm": "iterative-dpo", "ref_update_every": 2}}, "run.ref_update_every", "current iterate"),
     ({"run": {"algorithm": "inpo-optimistic"}, "loss": {"eta": 0.1, "tau": 0.2}}, "loss.tau", "tau < eta"),
+    ({"sampling": {"backend": "vllm", "dtype": "bfloat16", "engine_args": {"dtype": "float32"}}},
+     "sampling.engine_args", "so does sampling.dtype"),
 ])
 def test_a_key_the_chosen_settings_ignore_is_refused(tmp_path, sections, key, why):
     path = tmp_path / "run.yaml"
@@ -103,6 +106,17 @@ def test_keys_the_chosen_settings_read_are_accepted():
     from_mapping(OnlineConfig, _mapping(run={"algorithm": "nash-md"}, loss={"tau": 0.1}, sampling={"mixture_coef": 0.2}))
     from_mapping(OnlineConfig, _mapping(run={"algorithm": "inpo-optimistic", "ref_update_every": 3},
                                         loss={"eta": 0.5, "tau": 0.1, "sft_weight": 0.1}))
+
+
+def test_sampling_dtype_changes_only_the_samplers_load():
+    """sampling.dtype: the sampler loads the policy (and nash-md's reference) in that dtype; "auto"
+    keeps model.dtype; the training phase's model section is untouched either way."""
+    config = from_mapping(OnlineConfig, _mapping(model={"dtype": "float32"}, sampling={"dtype": "bfloat16"}))
+    spec = sampling_spec(config, "runs/r/iter_0/train/final")
+    assert (spec.name_or_path, spec.dtype) == ("runs/r/iter_0/train/final", "bfloat16")
+    assert phase_config(config, 0).model.dtype == "float32"
+    assert sampling_spec(from_mapping(OnlineConfig, _mapping(model={"dtype": "bfloat16"})), "m").dtype == "bfloat16"
+    assert sampling_spec(from_mapping(OnlineConfig, _mapping()), "m").dtype == "float32"
 
 
 def test_shipped_online_config_loads():

@@ -93,6 +93,18 @@ def test_draw_tokens_follows_each_rows_distribution_with_its_own_generator():
         torch.rand(2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)[1])
 
 
+def test_the_samplers_copy_attends_eagerly_on_cpu_unless_the_spec_names_an_implementation(tiny_model_dir):
+    """make_sampler loads its own copy: eager attention on a CPU (torch's SDPA kernel is slow for one
+    query token), the spec's implementation when it names one, and the spec's dtype."""
+    from nashalign.models.loader import ModelSpec
+
+    chosen = make_sampler("transformers", ModelSpec(str(tiny_model_dir), dtype="bfloat16"), max_new_tokens=2)
+    assert chosen.model.config._attn_implementation == "eager" and chosen.model.dtype == torch.bfloat16
+    named = make_sampler("transformers", ModelSpec(str(tiny_model_dir), attn_implementation="sdpa"), max_new_tokens=2)
+    assert named.model.config._attn_implementation == "sdpa" and named.model.dtype == torch.float32
+    assert len(chosen.generate(PROMPTS[:1], 2, progress=False)[0]) == 2
+
+
 def test_counts_indices_and_text(tiny_model, tiny_tokenizer):
     """K samples per prompt, in order, with decoded text matching the token ids."""
     sampler = TransformersSampler(tiny_model, tiny_tokenizer, max_new_tokens=6, batch_size=5, seed=3)

@@ -83,6 +83,7 @@ from nashalign.online.config import (
     policy_path,
     reference_path,
     run_directory,
+    sampling_spec,
     stage_seed,
 )
 from nashalign.online.nash_md import judge_opponents_stage
@@ -162,7 +163,7 @@ def _sample(policy_path: str, tokenizer, prompts: list[str], indices: list[int],
         return sample_opponents(policy_path, ref_path, tokenizer, prompts, indices, config, seed, state, progress)
     work = len(prompts) * s.samples_per_prompt * s.max_new_tokens * (config.run.iterations + 1)
     sampler = pool.sampler(
-        s.backend, config.model.spec(policy_path), tokenizer, max_new_tokens=s.max_new_tokens,
+        s.backend, sampling_spec(config, policy_path), tokenizer, max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=seed,
         tensor_parallel_size=s.tensor_parallel_size, fallback_to_transformers=s.backend == "auto", work_tokens=work,
         llm_kwargs={"gpu_memory_utilization": s.gpu_memory_utilization, **s.engine_args},

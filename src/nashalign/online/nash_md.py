@@ -27,6 +27,7 @@ import numpy as np
 from nashalign.core.mixture import geometric_mixture_logprobs
 from nashalign.data.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from nashalign.data.logprobs import position_ids_from_mask
+from nashalign.online.config import sampling_spec
 from nashalign.online.sharding import from_main
 from nashalign.sampling.engines import TransformersSampler, draw_tokens, sample_seed
 
@@ -153,8 +154,8 @@ def sample_opponents(policy_path: str, ref_path: str, tokenizer, prompts: list[s
     from nashalign.models.loader import load_causal_lm, release
 
     s = config.sampling
-    policy = load_causal_lm(config.model.spec(policy_path), where="model").to(state.device)
-    ref = load_causal_lm(config.model.spec(ref_path), where="model.ref_name_or_path").to(state.device)
+    policy = load_causal_lm(sampling_spec(config, policy_path), where="model").to(state.device)
+    ref = load_causal_lm(sampling_spec(config, ref_path), where="model.ref_name_or_path").to(state.device)
     sampler = MixtureSampler(policy, ref, tokenizer, mixture_coef=s.mixture_coef, max_new_tokens=s.max_new_tokens,
                              temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=seed)
     groups = sampler.generate(prompts, s.samples_per_prompt, prompt_indices=indices,

@@ -247,10 +247,16 @@ class TransformersSampler(SamplerSettings):
 
 def _load_causal_lm(model):
     """A checkpoint directory, hub id or ModelSpec through the one loader (the checkpoint's dtype
-    unless the spec sets one)."""
+    unless the spec sets one). On a CPU, unless the spec names an attention implementation, the
+    sampler's copy attends with transformers' eager attention: for one query token against the cache,
+    torch's CPU SDPA kernel took 41% of a bfloat16 decode step (docs/performance.md)."""
     from nashalign.models.loader import as_spec, load_causal_lm
 
-    return load_causal_lm(as_spec(model, dtype="auto"), where="sampling")
+    spec = as_spec(model, dtype="auto")
+    loaded = load_causal_lm(spec, where="sampling")
+    if spec.attn_implementation is None and loaded.device.type == "cpu":
+        loaded.set_attn_implementation("eager")
+    return loaded
 
 
 # `backend: auto` starts a vLLM engine only for at least this many sampled tokens (see make_sampler).
