@@ -3,6 +3,7 @@
     .venv/bin/python bench/online_stages.py --size tiny
     .venv/bin/python bench/online_stages.py --size 60m
     .venv-vllm/bin/python bench/online_stages.py --size 60m --backend vllm
+    .venv/bin/python bench/online_stages.py --size 60m --batch-size 128 --sampling-dtype bfloat16 --mixed-precision bf16
 
 Builds the model locally (nashalign.models.tiny; the 60m size has a 32k vocabulary: the tiny tokenizer padded
 with extra tokens), writes chat prompts, and runs `run_online` for one iteration with K = 8 samples per
@@ -11,7 +12,11 @@ wins, ties broken by text), so judging time here is the loop's own overhead; a m
 forward passes (see the oracle measurements in the issue notes). Each stage function of
 nashalign.online.loop is wrapped with a timer; the table goes to stdout. With `--backend vllm` the
 sampling stage includes the engine's start (float32, eager mode; its worker bound to `--threads`
-cores) and the in-place weight update to π_1.
+cores) and the in-place weight update to π_1. `--batch-size` is the transformers sampler's rows per
+call (32 by default, as the first measurements used; a sample does not depend on it);
+`--sampling-dtype` and `--mixed-precision` set `sampling.dtype` and `model.mixed_precision`
+(bfloat16 sampling; bfloat16 autocast of the training phase's forward passes, the reference scoring stays
+float32): the numerics change, the work does not.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sampling-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
@@ -71,14 +79,14 @@ def main() -> None:
         {"prompt": [{"role": "user", "content": f"Question {i}: explain preference number {i} in a few words."}]}
         for i in range(args.prompts)))
     config = from_mapping(online.OnlineConfig, {
-        "model": {"name_or_path": str(workdir / "model")},
+        "model": {"name_or_path": str(workdir / "model"), "mixed_precision": args.mixed_precision},
         "run": {"name": "bench", "dir": str(workdir / "runs"), "iterations": 1},
         "prompts": {"file": str(workdir / "prompts.jsonl")},
-        "sampling": {"backend": args.backend, "samples_per_prompt": args.samples,
+        "sampling": {"backend": args.backend, "samples_per_prompt": args.samples, "dtype": args.sampling_dtype,
                      "max_new_tokens": args.max_new_tokens,
                      # the online config refuses the keys the chosen backend does not read
-                     **({"engine_args": {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 3 << 29}}
-                        if args.backend == "vllm" else {"batch_size": 32})},
+                     **({"engine_args": {"enforce_eager": True, "kv_cache_memory_bytes": 3 << 29}}
+                        if args.backend == "vllm" else {"batch_size": args.batch_size})},
         "data": {"max_length": 256, "max_prompt_length": 128, "scoring_batch_size": 8},
         "loss": {"eta": 0.005},
         "optim": {"lr": 5e-7, "epochs": 2, "per_device_batch_size": 4, "warmup_ratio": 0.03},
@@ -104,6 +112,7 @@ def main() -> None:
     report = {
         "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
         "load_average": os.getloadavg(), "model_parameters": params, "size": args.size, "backend": args.backend,
+        "batch_size": args.batch_size, "sampling_dtype": args.sampling_dtype, "mixed_precision": args.mixed_precision,
         "prompts": args.prompts, "samples_per_prompt": args.samples, "pairs": summary["pairs_kept"],
         "mean_response_tokens": summary["mean_response_length"], "stage_seconds": times, "total_seconds": total,
     }
