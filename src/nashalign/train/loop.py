@@ -193,6 +193,7 @@ def training_pairs(config: TrainConfig, tokenizer) -> tuple[list[TokenizedPair],
         raise NashalignError(f"{config.data.train_file}: no pair fits data.max_length={config.data.max_length}")
     return pairs, report
 
+
 def train_pairs(
     policy,
     pairs: list[TokenizedPair],
@@ -232,8 +233,8 @@ def train_pairs(
     reference_columns = _reference_columns(policy, objective, config, run_dir, tokenizer, given, accelerator)
     objective.attach(policy, accelerator.device, resume_from, accelerator.num_processes)
     full_resume = resume_from is not None and config.model.lora is None
-    if policy is None or full_resume:  # the initial weights were not needed to score, or the checkpoint's
-        del policy  # this frame's reference: the initial weights are freed before the next load
+    if policy is None or full_resume:  # load the initial weights (unless they scored) or the checkpoint's
+        del policy  # here, not in a helper: this frame's reference goes, so the old weights are freed first
         gc.collect()
         policy = load_model(resume_from if full_resume else policy_source, config.model)
 
@@ -503,7 +504,8 @@ def _log_step(phase: _Phase, metrics: dict[str, float], metrics_out, progress) -
 def _save_checkpoint(phase: _Phase, step: int) -> Path:
     return engine_checkpoint.save_training_checkpoint(
         phase.accelerator, phase.policy, phase.optimizer, phase.scheduler, directory=phase.checkpoints_dir,
-        step=step, trainer_state=phase.state, save_model=phase.save_model, keep_last=phase.config.output.save_total_limit,
+        step=step, trainer_state=phase.state, save_model=phase.save_model,
+        keep_last=phase.config.output.save_total_limit,
     )
 
 
