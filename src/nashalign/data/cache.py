@@ -26,7 +26,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -360,35 +360,67 @@ def score_pairs(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    count = len(pairs)
-    chosen = torch.full((count,), math.nan)
-    rejected = torch.full((count,), math.nan)
-    keys: list[str] = []
-    todo = list(range(count))
-    if cache is not None and count:
-        keys = [pair.content_hash() for pair in pairs]
-        fingerprint = fingerprint or model_fingerprint(model)
-        found = cache.lookup(fingerprint, keys)
-        chosen[found.hit], rejected[found.hit] = (
+    results = _Results.empty(len(pairs))
+    todo = list(range(len(pairs)))
+    if cache is not None and todo:
+        todo = results.fill_from_cache(cache, fingerprint or model_fingerprint(model), pairs)
+    if todo:
+        _score_missing(model, pairs, todo, results, batch_size=batch_size,
+                       collate=collate_fn or _default_collate(model), progress=progress, flush_every=flush_every,
+                       chunk_size=chunk_size)
+    return {"chosen_logps": results.chosen, "rejected_logps": results.rejected}
+
+
+@dataclass
+class _Results:
+    """score_pairs' (n,) results as they fill (NaN: not yet known), and where scored pairs are written
+    back: the cache (if any), under `fingerprint`, by the pairs' content `keys`."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    cache: LogpCache | None = None
+    fingerprint: str | None = None
+    keys: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # scored, not yet written back
+
+    @classmethod
+    def empty(cls, count: int) -> _Results:
+        return cls(torch.full((count,), math.nan), torch.full((count,), math.nan))
+
+    def fill_from_cache(self, cache: LogpCache, fingerprint: str, pairs: Sequence[Any]) -> list[int]:
+        """Take the pairs' cached results; return the indices of those still to score."""
+        self.cache, self.fingerprint = cache, fingerprint
+        self.keys = [pair.content_hash() for pair in pairs]
+        found = cache.lookup(fingerprint, self.keys)
+        self.chosen[found.hit], self.rejected[found.hit] = (
             found.chosen_logps[found.hit],
             found.rejected_logps[found.hit],
         )
         todo = found.misses
-        logger.info("log-prob cache %s: %d hits, %d to score", fingerprint[:12], count - len(todo), len(todo))
-    if not todo:
-        return {"chosen_logps": chosen, "rejected_logps": rejected}
-    collate = collate_fn or _default_collate(model)
-    todo.sort(key=lambda i: -_pair_length(pairs[i]))
-    device = next(model.parameters()).device
-    pending: list[int] = []
+        logger.info("log-prob cache %s: %d hits, %d to score", fingerprint[:12], len(pairs) - len(todo), len(todo))
+        return todo
 
-    def flush() -> None:
-        if cache is not None and pending:
-            cache.store(fingerprint, [keys[i] for i in pending], chosen[pending], rejected[pending])
-        pending.clear()
+    def put(self, indices: list[int], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        self.chosen[indices], self.rejected[indices] = chosen, rejected
+        self.pending.extend(indices)
 
+    def flush(self) -> None:
+        """Write the pending results back to the cache (if any)."""
+        if self.cache is not None and self.pending:
+            self.cache.store(self.fingerprint, [self.keys[i] for i in self.pending], self.chosen[self.pending],
+                             self.rejected[self.pending])
+        self.pending.clear()
+
+
+def _score_missing(model: torch.nn.Module, pairs: Sequence[Any], todo: list[int], results: _Results, *,
+                   batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]], progress: bool,
+                   flush_every: int, chunk_size: int) -> None:
+    """Score pairs `todo` (indices into `pairs`) into `results`, longest first, in batches, in inference
+    and eval mode; written back every `flush_every` batches and when scoring stops, even by an exception."""
     from tqdm.auto import tqdm
 
+    todo.sort(key=lambda i: -_pair_length(pairs[i]))
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -398,22 +430,27 @@ def score_pairs(
         ):
             for number, start in enumerate(range(0, len(todo), batch_size), start=1):
                 indices = todo[start : start + batch_size]
-                batch = collate([pairs[i] for i in indices])
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                scored = pair_logps(model, batch, chunk_size=chunk_size)
-                batch_chosen, batch_rejected = scored["chosen_logps"].cpu(), scored["rejected_logps"].cpu()
-                if batch_chosen.isnan().any() or batch_rejected.isnan().any():
-                    sources = [getattr(pairs[i], "source", i) for i in indices]
-                    raise RuntimeError(f"the model produced NaN log-probs for pairs {sources}")
-                chosen[indices], rejected[indices] = batch_chosen, batch_rejected
-                pending.extend(indices)
+                results.put(indices, *_score_batch(model, [pairs[i] for i in indices], indices, collate, device,
+                                                   chunk_size))
                 bar.update(len(indices))
                 if number % flush_every == 0:
-                    flush()
+                    results.flush()
     finally:
-        flush()
+        results.flush()
         model.train(was_training)
-    return {"chosen_logps": chosen, "rejected_logps": rejected}
+
+
+def _score_batch(model: torch.nn.Module, batch_pairs: list[Any], indices: list[int], collate, device,
+                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen and rejected log-probs of one batch of pairs, on the CPU; raises on NaN."""
+    batch = collate(batch_pairs)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    scored = pair_logps(model, batch, chunk_size=chunk_size)
+    chosen, rejected = scored["chosen_logps"].cpu(), scored["rejected_logps"].cpu()
+    if chosen.isnan().any() or rejected.isnan().any():
+        sources = [getattr(pair, "source", i) for pair, i in zip(batch_pairs, indices)]
+        raise RuntimeError(f"the model produced NaN log-probs for pairs {sources}")
+    return chosen, rejected
 
 
 def _pair_length(pair: Any) -> int:

@@ -2,8 +2,8 @@
 
     pairs ──► score once under π_ref (and π_t for inpo) into the log-prob cache, in inference mode
           ──► free those models: from here on only the policy is in memory
-          ──► for each optimizer step: micro-batches ──► pair_logps(policy) ──► loss ──► backward
-              ──► clip ──► AdamW ──► schedule ──► metrics.jsonl / progress bar / trackers
+          ──► for each optimizer step (nashalign.train.step): micro-batches ──► pair_logps(policy) ──► loss
+              ──► backward ──► clip ──► AdamW ──► schedule ──► metrics.jsonl / progress bar / trackers
               ──► checkpoint every output.save_steps and at the end ──► <run_dir>/final
 
 Run directory: `config.yaml` (resolved config), `metrics.jsonl` (one JSON object per optimizer step),
@@ -30,34 +30,30 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nashalign import NashalignError
-from nashalign.config import LossConfig, TrainConfig, dump_config, to_dict, validated
-from nashalign.core.losses import (
-    loss_hyperparameters,
-    loss_inputs,
-    make_loss,
-    preference_metrics,
-    sft,
-    z_loss,
-)
+from nashalign.config import LossConfig, OptimConfig, TrainConfig, dump_config, to_dict, validated
+from nashalign.core.losses import loss_hyperparameters, make_loss
 from nashalign.data.artifacts import atomic_write_text
-from nashalign.data.logprobs import pair_logps
 from nashalign.data.tokenization import TokenizedPair, TruncationReport, load_records, tokenize_records
 from nashalign.progress import rate_line
 from nashalign.train import checkpoint, engine_checkpoint, trackers
-from nashalign.train.health import AttentionLogitProbe
-from nashalign.train.objectives import make_objective
+from nashalign.train.objectives import Objective, make_objective
 from nashalign.train.scoring import load_model, load_tokenizer, reference_logps, reference_sources
+from nashalign.train.step import batch_losses  # noqa: F401 -- part of this module's interface (tests, docs)
+from nashalign.train.step import optimizer_step as _optimizer_step  # looked up here: bench/sides.py times it
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
+
+CHECKPOINTS, METRICS = "checkpoints", "metrics.jsonl"  # in the run directory
 
 
 @dataclass
@@ -80,40 +76,6 @@ def build_loss(loss_config: LossConfig):
     """The bound per-example loss of the config: only the chosen loss's hyperparameters are passed."""
     values = to_dict(loss_config)
     return make_loss(loss_config.name, **{key: values[key] for key in loss_hyperparameters(loss_config.name)})
-
-
-def batch_losses(model, batch: dict[str, torch.Tensor], loss_fn, references: dict[str, torch.Tensor],
-                 z_loss_weight: float = 0.0):
-    """Per-pair losses (B,) of a collated batch under `model`, and the policy's log-probs.
-
-    `references` holds (B,) tensors ref_chosen_logps, ref_rejected_logps (+ prev_* for inpo, + aux_*
-    for optimistic INPO) aligned with the batch. Win rates (sppo) come from the batch when the records
-    carry them, else hard labels 1 (chosen) and 0 (rejected). A single-response loss (nash-md) reads
-    the chosen response as its sample (policy_logps, ref_logps) and the batch's `mixture_win_rate`.
-    A nonzero `z_loss_weight` adds that times `losses.z_loss` per pair.
-    """
-    policy = pair_logps(model, batch)
-    available = {
-        "policy_chosen_logps": policy["chosen_logps"],
-        "policy_rejected_logps": policy["rejected_logps"],
-        "chosen_lengths": policy["chosen_lengths"],
-        "rejected_lengths": policy["rejected_lengths"],
-        "chosen_win_rate": batch.get("chosen_win_rate", torch.ones_like(policy["chosen_logps"])),
-        "rejected_win_rate": batch.get("rejected_win_rate", torch.zeros_like(policy["rejected_logps"])),
-        **references,
-        "policy_logps": policy["chosen_logps"],
-        "ref_logps": references.get("ref_chosen_logps"),
-        "mixture_win_rate": batch.get("mixture_win_rate"),
-    }
-    losses = loss_fn(**{name: available[name] for name in loss_inputs(loss_fn)})
-    if z_loss_weight:
-        losses = losses + z_loss_weight * _z_loss(policy)
-    return losses, policy
-
-
-def _z_loss(policy: dict[str, torch.Tensor]) -> torch.Tensor:
-    keys = ("chosen_logz_squared", "rejected_logz_squared", "chosen_lengths", "rejected_lengths")
-    return z_loss(**{key: policy[key] for key in keys})
 
 
 def _disable_dropout(model) -> None:
@@ -254,17 +216,60 @@ def train_pairs(
     checkpoint in run_dir, "never" starts over. callback(step, metrics) runs after every optimizer step.
     Seeds python, numpy and torch from optim.seed (a run owns the process's RNGs).
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     if resume not in ("auto", "never"):
         raise NashalignError(f"--resume: expected 'auto' or 'never', got {resume!r}")
     config = validated(config)
     if not pairs:
         raise NashalignError("no preference pairs to train on")
     run_dir = Path(run_dir if run_dir is not None else config.output.dir)
+    accelerator, resume_from = _start(config, run_dir, resume)
+
+    # 1. Log-probs of every pair under π_ref (and π_t), then only the policy stays in memory
+    # (sparsepo, whose terms need π_ref's full distributions, keeps π_ref too: see nashalign.train.objectives).
+    given = {"ref": ref_logps, "prev": prev_logps, "aux": aux_logps}
+    policy_source = policy if isinstance(policy, (str, Path)) else None
+    policy, tokenizer = _initial_policy(policy, tokenizer, config, given)
+    objective = make_objective(config, pairs, tokenizer)
+    reference_columns = _reference_columns(policy, objective, config, run_dir, tokenizer, given, accelerator)
+    objective.attach(policy, accelerator.device, resume_from, accelerator.num_processes)
+    full_resume = resume_from is not None and config.model.lora is None
+    if policy is None or full_resume:  # load the initial weights (unless they scored) or the checkpoint's
+        del policy  # here, not in a helper: this frame's reference goes, so the old weights are freed first
+        gc.collect()
+        policy = load_model(resume_from if full_resume else policy_source, config.model)
+
+    # 2. Policy, optimizer, schedule; the data position and optimizer state of the checkpoint resumed.
+    plan = _Plan.of(config.optim, len(pairs), accelerator.num_processes)
+    policy, optimizer, scheduler = _optimization(policy, config, objective, accelerator, plan, resume_from)
+    phase = _Phase(config, accelerator, run_dir, tokenizer, objective, reference_columns, policy, optimizer,
+                   scheduler, build_loss(config.loss), plan, _trainer_state(plan, pairs))
+    _resume(phase, resume_from)
+    _init_trackers(accelerator, config, run_dir)
+
+    # 3. The loop: one iteration = one optimizer step over one global batch.
+    metrics, last_checkpoint = _run_steps(phase, resume_from, callback)
+
+    # 4. The final model in Hugging Face format (LoRA merged into the base weights).
+    _save_final(phase)
+    # Finish the trackers only: Accelerator.end_training() would also destroy the process group, which
+    # a caller running several phases in one launch (the online loop) still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    metrics = metrics or _last_logged(phase.metrics_file)
+    return TrainResult(run_dir, phase.final_dir, phase.metrics_file, phase.state["global_step"], metrics,
+                       last_checkpoint)
+
+
+# --------------------------------------------------------------------------- setting up a phase
+
+
+def _start(config: TrainConfig, run_dir: Path, resume: str):
+    """The run directory, the accelerator, the checkpoint to resume from (None: step 0), the seeds
+    and config.yaml."""
+    from accelerate.utils import set_seed
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints_dir, metrics_file, final_dir = run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "final"
+    checkpoints_dir, metrics_file = run_dir / CHECKPOINTS, run_dir / METRICS
     resume_from = checkpoint.latest_checkpoint(checkpoints_dir) if resume == "auto" else None
     accelerator = _make_accelerator(config, run_dir)
     if accelerator.is_main_process:
@@ -283,125 +288,172 @@ def train_pairs(
     set_seed(config.optim.seed)
     if accelerator.is_main_process:
         dump_config(config, run_dir / "config.yaml")
-    given = {"ref": ref_logps, "prev": prev_logps, "aux": aux_logps}
-    policy_source = policy if isinstance(policy, (str, Path)) else None
-    if policy_source is not None:
+    return accelerator, resume_from
+
+
+def _initial_policy(policy, tokenizer, config: TrainConfig, given: dict):
+    """The initial policy as a model (None: loaded from its path after scoring) and the tokenizer."""
+    if isinstance(policy, (str, Path)):
         if tokenizer is None:
-            tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or policy_source, config.model)
+            tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or policy, config.model)
         # The initial weights are loaded now only if they score a role; else after scoring (lower peak).
         needs_initial = None in reference_sources(config, given).values()
-        policy = load_model(policy_source, config.model) if needs_initial else None
+        policy = load_model(policy, config.model) if needs_initial else None
     if tokenizer is None:
         raise NashalignError("train_pairs: pass the tokenizer when the policy is a model object")
+    return policy, tokenizer
 
-    # 1. Log-probs of every pair under π_ref (and π_t), then only the policy stays in memory
-    # (sparsepo, whose terms need π_ref's full distributions, keeps π_ref too: see nashalign.train.objectives).
-    objective = make_objective(config, pairs, tokenizer)
+
+def _reference_columns(policy, objective: Objective, config: TrainConfig, run_dir: Path, tokenizer, given: dict,
+                       accelerator) -> dict[str, torch.Tensor]:
+    """The objective's reference columns from the log-probs of its pairs under π_ref (and π_t),
+    scored through the log-prob cache unless given."""
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "logp_cache"
     references = reference_logps(
         policy, objective.scored_pairs, config, cache_dir, tokenizer.pad_token_id, accelerator.device, given,
         accelerator,
     )
-    reference_columns = objective.reference_columns(references)
-    del references
-    objective.attach(policy, accelerator.device, resume_from, accelerator.num_processes)
-    full_resume = resume_from is not None and config.model.lora is None
-    if policy is None or full_resume:
-        del policy
-        gc.collect()
-        policy = load_model(resume_from if full_resume else policy_source, config.model)
+    return objective.reference_columns(references)
 
-    # 2. Policy, optimizer, schedule.
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the pairs fill the phase's optimizer steps."""
+
+    num_pairs: int
+    global_batch: int  # pairs per optimizer step, over all processes
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, optim: OptimConfig, num_pairs: int, num_processes: int) -> _Plan:
+        global_batch = optim.per_device_batch_size * optim.gradient_accumulation_steps * num_processes
+        steps_per_epoch = math.ceil(num_pairs / global_batch)
+        return cls(num_pairs, global_batch, steps_per_epoch, optim.max_steps or optim.epochs * steps_per_epoch)
+
+
+def _optimization(policy, config: TrainConfig, objective: Objective, accelerator, plan: _Plan,
+                  resume_from: Path | None):
+    """The policy made trainable, AdamW over it (and the objective's parameters) and the learning-rate
+    schedule; the policy and optimizer as accelerator.prepare returns them."""
     policy = _prepare_policy(policy, config, resume_from)
     optim = config.optim
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in policy.parameters() if p.requires_grad]}, *objective.param_groups()],
         lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
     )
-    global_batch = optim.per_device_batch_size * optim.gradient_accumulation_steps * accelerator.num_processes
-    steps_per_epoch = math.ceil(len(pairs) / global_batch)
-    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
-    scheduler = _schedule(optimizer, config, total_steps)
+    scheduler = _schedule(optimizer, config, plan.total_steps)
     if accelerator.state.deepspeed_plugin is not None:  # accelerate reads it from a dataloader; there is none
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = optim.per_device_batch_size
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    loss_fn = build_loss(config.loss)
+    return policy, optimizer, scheduler
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "tokens": 0,
-             "total_steps": total_steps, "global_batch": global_batch, "data": _data_fingerprint(pairs)}
-    if resume_from is not None:
-        saved = checkpoint.load_trainer_state(resume_from)
-        for key in ("total_steps", "global_batch", "data"):
-            if saved[key] != state[key]:
-                raise NashalignError(
-                    f"{resume_from}: cannot resume, {key} differs from this run's "
-                    f"({saved[key]!r} vs {state[key]!r}); use --resume never or another output.dir"
-                )
-        state.update(saved)
-        engine_checkpoint.load_training_checkpoint(accelerator, policy, optimizer, scheduler, resume_from)
-        if accelerator.is_main_process:
-            _rewrite_metrics(metrics_file, state["global_step"])
-        logger.info("resuming from %s (step %d)", resume_from, state["global_step"])
 
+def _trainer_state(plan: _Plan, pairs: list[TokenizedPair]) -> dict[str, Any]:
+    """The trainer state of step 0 (a checkpoint's trainer_state.json): the data position, the tokens
+    trained on, and what a resumed run must match."""
+    return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "tokens": 0,
+            "total_steps": plan.total_steps, "global_batch": plan.global_batch, "data": _data_fingerprint(pairs)}
+
+
+@dataclass
+class _Phase:
+    """A set-up training phase: what its steps, checkpoints and final save use."""
+
+    config: TrainConfig
+    accelerator: Any
+    run_dir: Path
+    tokenizer: Any
+    objective: Objective
+    reference_columns: dict[str, torch.Tensor]
+    policy: Any  # as accelerator.prepare returned it, like optimizer
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Callable
+    plan: _Plan
+    state: dict[str, Any]  # the trainer state (see _trainer_state), saved in every checkpoint
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / CHECKPOINTS
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / METRICS
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / "final"
+
+    @cached_property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+    def save_model(self, directory: Path, state_dict=None) -> None:
+        self.unwrapped.save_pretrained(directory, state_dict=state_dict)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _resume(phase: _Phase, resume_from: Path | None) -> None:
+    """Continue from checkpoint `resume_from` (if any): its trainer state (the run must match it), its
+    optimizer and schedule state, and metrics.jsonl cut back to its step."""
+    if resume_from is None:
+        return
+    state = phase.state
+    saved = checkpoint.load_trainer_state(resume_from)
+    for key in ("total_steps", "global_batch", "data"):
+        if saved[key] != state[key]:
+            raise NashalignError(
+                f"{resume_from}: cannot resume, {key} differs from this run's "
+                f"({saved[key]!r} vs {state[key]!r}); use --resume never or another output.dir"
+            )
+    state.update(saved)
+    engine_checkpoint.load_training_checkpoint(phase.accelerator, phase.policy, phase.optimizer, phase.scheduler,
+                                               resume_from)
+    if phase.accelerator.is_main_process:
+        _rewrite_metrics(phase.metrics_file, state["global_step"])
+    logger.info("resuming from %s (step %d)", resume_from, state["global_step"])
+
+
+def _init_trackers(accelerator, config: TrainConfig, run_dir: Path) -> None:
     if accelerator.log_with:
         run_name, flat = f"{run_dir.parent.name}/{run_dir.name}", trackers.flatten(to_dict(config))  # e.g. iter_0/train
         names = trackers.tracker_names(config.output.report_to)
         accelerator.init_trackers(trackers.PROJECT, init_kwargs=trackers.init_kwargs(names, run_dir, run_name, flat))
         trackers.store_config(accelerator.trackers, flat)
-    unwrapped = accelerator.unwrap_model(policy)
 
-    def save_model(directory: Path, state_dict=None) -> None:
-        unwrapped.save_pretrained(directory, state_dict=state_dict)
-        tokenizer.save_pretrained(directory)
 
-    def save(step: int) -> Path:
-        return engine_checkpoint.save_training_checkpoint(
-            accelerator, policy, optimizer, scheduler, directory=checkpoints_dir, step=step, trainer_state=state,
-            save_model=save_model, keep_last=config.output.save_total_limit,
-        )
+# --------------------------------------------------------------------------- the steps
 
-    # 3. The loop: one iteration = one optimizer step over one global batch.
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="training", unit="step",
+
+def _run_steps(phase: _Phase, resume_from: Path | None, callback: StepCallback | None):
+    """The optimizer steps left, each logged (metrics.jsonl, progress bar, trackers), a checkpoint every
+    output.save_steps and at the end; the last step's metrics and the last checkpoint."""
+    from tqdm.auto import tqdm
+
+    state, plan, accelerator = phase.state, phase.plan, phase.accelerator
+    progress = tqdm(total=plan.total_steps, initial=state["global_step"], desc="training", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     began, first_step, first_tokens = time.perf_counter(), state["global_step"], state["tokens"]
     metrics: dict[str, float] = {}
     last_checkpoint = resume_from
-    metrics_out = open(metrics_file, "a", encoding="utf-8") if accelerator.is_main_process else None
+    metrics_out = open(phase.metrics_file, "a", encoding="utf-8") if accelerator.is_main_process else None
     try:
-        while state["global_step"] < total_steps:
-            order = _epoch_order(len(pairs), optim.seed, state["epoch"])
-            while state["step_in_epoch"] < steps_per_epoch and state["global_step"] < total_steps:
-                start = state["step_in_epoch"] * global_batch
-                attention_steps = config.output.attention_logit_steps
-                metrics = _optimizer_step(
-                    order[start : start + global_batch], objective, reference_columns, policy, optimizer,
-                    scheduler, loss_fn, config, accelerator, tokenizer.pad_token_id,
-                    probe_attention=bool(attention_steps) and (state["global_step"] + 1) % attention_steps == 0,
-                )
-                state["step_in_epoch"] += 1
-                state["global_step"] += 1
-                state["tokens"] += int(metrics.pop("_tokens"))
-                epoch_done = state["step_in_epoch"] == steps_per_epoch
-                if epoch_done:  # the data position is saved as (next epoch, 0)
-                    state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+        while state["global_step"] < plan.total_steps:
+            order = _epoch_order(plan.num_pairs, phase.config.optim.seed, state["epoch"])
+            while state["step_in_epoch"] < plan.steps_per_epoch and state["global_step"] < plan.total_steps:
+                metrics, epoch_done = _step(phase, order)
                 step = state["global_step"]
-                metrics = {"step": step, "epoch": step / steps_per_epoch, "tokens": state["tokens"], **metrics}
-                if metrics_out is not None:
-                    metrics_out.write(json.dumps(metrics) + "\n")
-                    metrics_out.flush()
-                if step % config.output.logging_steps == 0 or step == total_steps:
-                    accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}",
-                                         tok_s=f"{metrics['tokens_per_second']:.0f}")
-                progress.update(1)
-                if config.output.save_steps and step % config.output.save_steps == 0 and step < total_steps:
-                    last_checkpoint = save(step)
+                _log_step(phase, metrics, metrics_out, progress)
+                save_steps = phase.config.output.save_steps
+                if save_steps and step % save_steps == 0 and step < plan.total_steps:
+                    last_checkpoint = _save_checkpoint(phase, step)
                 if callback is not None:
                     callback(step, metrics)
                 if epoch_done:
                     break  # a new permutation for the next epoch
-        if last_checkpoint is None or checkpoint.load_trainer_state(last_checkpoint)["global_step"] < total_steps:
-            last_checkpoint = save(state["global_step"])
+        if last_checkpoint is None or checkpoint.load_trainer_state(last_checkpoint)["global_step"] < plan.total_steps:
+            last_checkpoint = _save_checkpoint(phase, state["global_step"])
     finally:
         progress.close()
         if metrics_out is not None:
@@ -411,146 +463,74 @@ def train_pairs(
         logger.info("%s", rate_line("training", state["global_step"] - first_step, "step", seconds,
                                     f"{tokens} tokens ({tokens / max(seconds, 1e-9):.3g} tokens/s), "
                                     f"last loss {metrics.get('loss', math.nan):.4g}"))
+    return metrics, last_checkpoint
 
-    # 4. The final model in Hugging Face format (LoRA merged into the base weights).
+
+def _step(phase: _Phase, order: list[int]) -> tuple[dict[str, float], bool]:
+    """The next optimizer step, over the next global batch of the epoch's `order`, and the data
+    position moved past it; its metrics row and whether it ended the epoch."""
+    state, plan, config = phase.state, phase.plan, phase.config
+    start = state["step_in_epoch"] * plan.global_batch
+    attention_steps = config.output.attention_logit_steps
+    metrics = _optimizer_step(
+        order[start : start + plan.global_batch], phase.objective, phase.reference_columns, phase.policy,
+        phase.optimizer, phase.scheduler, phase.loss_fn, config, phase.accelerator, phase.tokenizer.pad_token_id,
+        probe_attention=bool(attention_steps) and (state["global_step"] + 1) % attention_steps == 0,
+    )
+    state["step_in_epoch"] += 1
+    state["global_step"] += 1
+    state["tokens"] += int(metrics.pop("_tokens"))
+    epoch_done = state["step_in_epoch"] == plan.steps_per_epoch
+    if epoch_done:  # the data position is saved as (next epoch, 0)
+        state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+    step = state["global_step"]
+    return {"step": step, "epoch": step / plan.steps_per_epoch, "tokens": state["tokens"], **metrics}, epoch_done
+
+
+def _log_step(phase: _Phase, metrics: dict[str, float], metrics_out, progress) -> None:
+    """A step's row in metrics.jsonl (main process); every output.logging_steps steps and at the last
+    step, to the trackers and the progress bar."""
+    step = metrics["step"]
+    if metrics_out is not None:
+        metrics_out.write(json.dumps(metrics) + "\n")
+        metrics_out.flush()
+    if step % phase.config.output.logging_steps == 0 or step == phase.plan.total_steps:
+        phase.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['rewards/accuracy']:.2f}",
+                             tok_s=f"{metrics['tokens_per_second']:.0f}")
+    progress.update(1)
+
+
+def _save_checkpoint(phase: _Phase, step: int) -> Path:
+    return engine_checkpoint.save_training_checkpoint(
+        phase.accelerator, phase.policy, phase.optimizer, phase.scheduler, directory=phase.checkpoints_dir,
+        step=step, trainer_state=phase.state, save_model=phase.save_model,
+        keep_last=phase.config.output.save_total_limit,
+    )
+
+
+# --------------------------------------------------------------------------- the end of a phase
+
+
+def _save_final(phase: _Phase) -> None:
+    """<run_dir>/final: the trained model (LoRA merged), the tokenizer and the objective's files."""
+    accelerator = phase.accelerator
     accelerator.wait_for_everyone()
     # Collective under FSDP / ZeRO-3: every process sends its shards, the main process gets the full weights.
-    state_dict = engine_checkpoint.full_model_state(accelerator, policy)
+    state_dict = engine_checkpoint.full_model_state(accelerator, phase.policy)
     if accelerator.is_main_process:
-        final_model = unwrapped.merge_and_unload() if config.model.lora is not None else unwrapped
-        with checkpoint.atomic_directory(final_dir, marker=None) as directory:
+        unwrapped = phase.unwrapped
+        final_model = unwrapped.merge_and_unload() if phase.config.model.lora is not None else unwrapped
+        with checkpoint.atomic_directory(phase.final_dir, marker=None) as directory:
             final_model.save_pretrained(directory, state_dict=state_dict)
-            tokenizer.save_pretrained(directory)
-            objective.save(directory)
+            phase.tokenizer.save_pretrained(directory)
+            phase.objective.save(directory)
     accelerator.wait_for_everyone()  # no process returns before final/ exists
-    # Finish the trackers only: Accelerator.end_training() would also destroy the process group, which
-    # a caller running several phases in one launch (the online loop) still needs.
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    if not metrics and metrics_file.exists():
-        lines = metrics_file.read_text().splitlines()
-        metrics = json.loads(lines[-1]) if lines else {}
-    return TrainResult(run_dir, final_dir, metrics_file, state["global_step"], metrics, last_checkpoint)
 
 
-def _optimizer_step(indices, objective, reference_columns, policy, optimizer, scheduler, loss_fn, config,
-                    accelerator, pad_id, probe_attention: bool = False) -> dict[str, float]:
-    """Forward/backward over the micro-batches of one global batch, clip, step; return its metrics.
-
-    The loss is sum(per-pair losses) / (pairs in the global batch), accumulated over micro-batches
-    (hand-written instead of accelerator.accumulate, which divides by a fixed step count and so
-    weights a smaller last batch wrongly). With several processes DDP averages the gradients, hence
-    the factor num_processes; process p takes pairs p, p + num_processes, ... of the global batch.
-    Health signals (nashalign.train.health): log Z over the response tokens, and with `probe_attention`
-    the largest attention logit over the step's micro-batches.
-    """
-    began = time.perf_counter()
-    local = indices[accelerator.process_index :: accelerator.num_processes]
-    size = config.optim.per_device_batch_size
-    micro_batches = [local[i : i + size] for i in range(0, len(local), size)]
-    # Every process runs as many forward/backward passes as process 0 (which holds the most pairs), as
-    # the collectives of DDP, FSDP and DeepSpeed must match; a pass without pairs (empty micro-batch)
-    # runs the batch's first pair with weight 0.
-    micro_batches += [[]] * (math.ceil(len(indices[:: accelerator.num_processes]) / size) - len(micro_batches))
-    scale = accelerator.num_processes / len(indices)
-    collected: dict[str, list[torch.Tensor]] = {}
-    logz_parts: list[torch.Tensor] = []
-    probe = AttentionLogitProbe(policy) if probe_attention else None
-    tokens = 0
-    for number, micro in enumerate(micro_batches):
-        rows = micro or indices[:1]
-        batch = objective.collate(rows, pad_id)
-        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        selected = torch.tensor(rows)
-        references = {key: column[selected].to(accelerator.device) for key, column in reference_columns.items()}
-        probing = probe.active(batch.get("attention_mask")) if probe is not None else nullcontext()
-        with _accumulating(accelerator, policy, last=number == len(micro_batches) - 1):
-            with accelerator.autocast(), probing:
-                if objective.batch_losses is not None:  # srpo / sparsepo: their own sequences and terms
-                    losses, policy_logps = objective.batch_losses(policy, batch, loss_fn, references)
-                else:
-                    losses, policy_logps = batch_losses(policy, batch, loss_fn, references, config.loss.z_loss)
-            accelerator.backward(losses.sum() * (scale if micro else 0.0))
-        # prompt + chosen + prompt + rejected tokens, however the batch lays them out
-        tokens += int(2 * batch["prompt_lengths"].sum() + batch["chosen_lengths"].sum()
-                      + batch["rejected_lengths"].sum()) if micro else 0
-        for key, value in {
-            "losses": losses, "policy_chosen_logps": policy_logps["chosen_logps"],
-            "policy_rejected_logps": policy_logps["rejected_logps"], "chosen_lengths": policy_logps["chosen_lengths"],
-            **{key: references[key] for key in ("ref_chosen_logps", "ref_rejected_logps")},
-            **({"z_loss": _z_loss(policy_logps)} if config.loss.z_loss else {}),
-        }.items():
-            collected.setdefault(key, []).append(value.detach().float()[: len(micro)])
-        if micro and "logz" in policy_logps:
-            logz_parts.append(policy_logps["logz"].float())
-    max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
-    grad_norm = accelerator.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
-    learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-
-    values = {key: torch.cat(parts) for key, parts in collected.items()}
-    means = {
-        "loss": values["losses"].mean(),
-        **preference_metrics(
-            policy_chosen_logps=values["policy_chosen_logps"],
-            policy_rejected_logps=values["policy_rejected_logps"],
-            ref_chosen_logps=values["ref_chosen_logps"],
-            ref_rejected_logps=values["ref_rejected_logps"],
-            beta=config.loss.beta,
-        ),
-    }
-    if config.loss.sft_weight:
-        means["sft"] = sft(policy_chosen_logps=values["policy_chosen_logps"],
-                           chosen_lengths=values["chosen_lengths"]).mean()
-    if config.loss.z_loss:
-        means["z_loss"] = values["z_loss"].mean()
-    # Means over this process's pairs -> sums -> summed over processes -> means over the global batch
-    # (a process without pairs has NaN means over nothing and adds zeros).
-    count = torch.tensor(float(len(local)), device=accelerator.device)
-    sums = [value.to(accelerator.device) * count if local else torch.zeros((), device=accelerator.device)
-            for value in means.values()]
-    stacked = torch.stack([*sums, count])
-    stacked = accelerator.reduce(stacked, reduction="sum")
-    tokens_total = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
-    metrics = {key: float(total / stacked[-1]) for key, total in zip(means, stacked[:-1])}
-    grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed may not report one
-    metrics.update(grad_norm=grad_norm, lr=learning_rate, _tokens=tokens_total,
-                   tokens_per_second=tokens_total / max(time.perf_counter() - began, 1e-9))
-    metrics.update(_health_metrics(logz_parts, probe, accelerator))
-    return metrics
-
-
-def _health_metrics(logz_parts: list[torch.Tensor], probe, accelerator) -> dict[str, float]:
-    """logz/mean and logz/max_abs over the global batch's response tokens; attention/max_logit when
-    probed (the maximum over processes)."""
-    device = accelerator.device
-    logz = torch.cat(logz_parts).to(device) if logz_parts else torch.zeros(0, device=device)
-    total = accelerator.reduce(torch.stack([logz.sum(), torch.tensor(float(logz.numel()), device=device)]),
-                               reduction="sum")
-    peaks = torch.tensor([logz.abs().max() if logz.numel() else -math.inf,
-                          -math.inf if probe is None or probe.max_logit is None else probe.max_logit], device=device)
-    peaks = accelerator.gather(peaks[None]).amax(0)
-    out = {"logz/mean": float(total[0] / total[1].clamp(min=1)), "logz/max_abs": float(peaks[0])}
-    if probe is not None and math.isfinite(float(peaks[1])):
-        out["attention/max_logit"] = float(peaks[1])
-    return out
-
-
-@contextmanager
-def _accumulating(accelerator, model, last: bool):
-    """Gradients are synchronized on the last micro-batch of a step only: DDP and FSDP skip their
-    reduction (no_sync) before it, and DeepSpeed, whose backward also steps, is told through
-    accelerate's public `Accelerator.sync_gradients` flag that it is not at an accumulation boundary.
-    (accelerator.accumulate sets that flag from a fixed micro-batch count, which a smaller last batch
-    does not have.)"""
-    if last:
-        yield
-        return
-    accelerator.sync_gradients = False
-    try:
-        with accelerator.no_sync(model):
-            yield
-    finally:
-        accelerator.sync_gradients = True
+def _last_logged(metrics_file: Path) -> dict[str, float]:
+    """The last row of metrics.jsonl (a phase resumed after its last step ran none), else {}."""
+    if not metrics_file.exists():
+        return {}
+    lines = metrics_file.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
