@@ -102,3 +102,37 @@ def test_no_import_cycles():
     """No module imports (at module level or inside a function) a module that imports it back."""
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The modules whose functions the loop logic lives in: the training loop, the online loop and the scorer.
+LOOP_MODULES = ("nashalign.train.loop", "nashalign.online.loop", "nashalign.data.cache")
+MAX_FUNCTION_LINES = 80
+
+
+def function_lengths(tree: ast.Module) -> Iterator[tuple[str, int, int]]:
+    """(qualified name, first line, lines from `def` to the last line of the body) of every function
+    and method, nested ones included."""
+    def walk(node: ast.AST, prefix: str):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield f"{prefix}{child.name}", child.lineno, child.end_lineno - child.lineno + 1
+                yield from walk(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                yield from walk(child, f"{prefix}{child.name}.")
+            else:
+                yield from walk(child, prefix)
+
+    yield from walk(tree, "")
+
+
+def test_function_lengths_sees_methods_and_nested_functions():
+    tree = ast.parse("class A:\n    def f(self):\n        def g():\n            pass\n        return g\n")
+    assert list(function_lengths(tree)) == [("A.f", 2, 4), ("A.f.g", 3, 2)]
+
+
+def test_no_long_function_in_the_training_loop_the_online_loop_or_the_scorer():
+    """Each function of the loops and the scorer holds one idea: none is longer than 80 lines."""
+    long = [f"{name}.{function} (line {line}): {length} lines"
+            for name, _, tree in package_modules() if name in LOOP_MODULES
+            for function, line, length in function_lengths(tree) if length > MAX_FUNCTION_LINES]
+    assert not long, "functions over 80 lines: " + "; ".join(long)
