@@ -1,7 +1,8 @@
 """Sampling speed of the generation engines on one model, and the cost of a weight update.
 
     .venv/bin/python bench/sampling_engines.py --sides generate sampler            # main environment
-    .venv-vllm/bin/python bench/sampling_engines.py                                # all sides, vLLM too
+    .venv-vllm/bin/python bench/sampling_engines.py --sides generate sampler sampler-bf16 vllm vllm-bf16
+    .venv-vllm/bin/python bench/sampling_engines.py                                # generate, sampler, vllm
 
 Workload (the chat60m model of bench/workloads.py: Llama-style, hidden 512, 8 layers, 32k
 vocabulary, ~66M parameters, random weights, float32): 16 prompts × K = 8 samples × 64 new tokens
@@ -9,11 +10,14 @@ at temperature 1, seeded, once with short prompts (8–24 words) and once with l
 words) of the word-level tokenizer (one token per word). Sides, each in a fresh process:
 
 - generate: plain `model.generate(do_sample=True)` over the 128 rows (each prompt repeated K times).
-- sampler: nashalign's `TransformersSampler` (each prompt computed once for its K samples), one
-  batch of 128 rows.
+- sampler: nashalign's `TransformersSampler` (each prompt computed once for its K samples, static KV
+  cache, eager attention on a CPU), one batch of 128 rows, float32.
+- sampler-bf16 (not run by default): the same with its copy of the model in bfloat16
+  (`sampling.dtype: bfloat16`).
 - vllm: nashalign's `VLLMSampler` (float32, eager mode); its engine start is timed apart, then the
   weight update to another checkpoint, in place (`update_weights`) and by a rebuilt engine
   (`rebuild`).
+- vllm-bf16 (not run by default): the same engine in bfloat16.
 
 Tokens/s count the sampled tokens (EOS excluded) over the generation call's wall time. Each side
 gets `--threads` cores (vLLM: its worker is bound to cores 0..threads-1 with no core reserved).
@@ -81,25 +85,26 @@ def side_generate(directory: Path, texts: list[str]) -> dict:
     return {"seconds": seconds, "tokens": tokens}
 
 
-def side_sampler(directory: Path, texts: list[str]) -> dict:
+def side_sampler(directory: Path, texts: list[str], dtype: str = "float32") -> dict:
+    from nashalign.models.loader import ModelSpec
     from nashalign.sampling.engines import make_sampler
 
-    sampler = make_sampler("transformers", str(directory / "a"), max_new_tokens=NEW_TOKENS, batch_size=PROMPTS * K,
-                           seed=0)
+    sampler = make_sampler("transformers", ModelSpec(str(directory / "a"), dtype=dtype), max_new_tokens=NEW_TOKENS,
+                           batch_size=PROMPTS * K, seed=0)
     start = time.perf_counter()
     groups = sampler.generate(texts, K, progress=False)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": sum(len(g.token_ids) for group in groups for g in group)}
 
 
-def side_vllm(directory: Path, texts: list[str], threads: int) -> dict:
+def side_vllm(directory: Path, texts: list[str], threads: int, dtype: str = "float32") -> dict:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from nashalign.sampling.engines import make_sampler
 
     start = time.perf_counter()
     sampler = make_sampler("vllm", str(directory / "a"), max_new_tokens=NEW_TOKENS, seed=0,
-                           llm_kwargs={"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 3 << 29})
+                           llm_kwargs={"dtype": dtype, "enforce_eager": True, "kv_cache_memory_bytes": 3 << 29})
     engine_start = time.perf_counter() - start
     sampler.generate(texts[:2], 1, progress=False)  # the first call pays one-time costs
     start = time.perf_counter()
@@ -124,15 +129,15 @@ def child(side: str, directory: Path, length: str, threads: int) -> dict:
     texts = prompts(length, WORKLOADS["chat60m"].vocab_size)
     if side == "generate":
         return side_generate(directory, texts)
-    if side == "sampler":
-        return side_sampler(directory, texts)
-    return side_vllm(directory, texts, threads)
+    if side in ("sampler", "sampler-bf16"):
+        return side_sampler(directory, texts, "bfloat16" if side == "sampler-bf16" else "float32")
+    return side_vllm(directory, texts, threads, "bfloat16" if side == "vllm-bf16" else "float32")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sides", nargs="+", default=["generate", "sampler", "vllm"],
-                        choices=["generate", "sampler", "vllm"])
+                        choices=["generate", "sampler", "sampler-bf16", "vllm", "vllm-bf16"])
     parser.add_argument("--lengths", nargs="+", default=list(LENGTHS), choices=list(LENGTHS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "DIR", "LENGTH"), help=argparse.SUPPRESS)
@@ -165,10 +170,12 @@ def main() -> int:
         base = sides.get("generate", {}).get("tokens_per_second")
         for side, row in sides.items():
             ratio = f" ({row['tokens_per_second'] / base:.2f}× generate)" if base else ""
-            print(f"{length:<6} {side:<9} {row['tokens_per_second']:8.0f} tokens/s{ratio}")
-        if "vllm" in sides:
-            v = sides["vllm"]
-            print(f"{length:<6} vllm engine start {v['engine_start_seconds']:.1f} s, weight update in place "
+            print(f"{length:<6} {side:<12} {row['tokens_per_second']:8.0f} tokens/s{ratio}")
+        for name in ("vllm", "vllm-bf16"):
+            if name not in sides:
+                continue
+            v = sides[name]
+            print(f"{length:<6} {name} engine start {v['engine_start_seconds']:.1f} s, weight update in place "
                   f"{v['update_in_place_seconds']:.2f} s, by rebuild {v['update_by_rebuild_seconds']:.1f} s")
     return 0
 
