@@ -537,21 +537,23 @@ def test_vllm_sampler_glue_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_
 
 
 def test_auto_rule_and_sampler_pool_with_a_fake_engine(monkeypatch, tiny_tokenizer, tiny_model_dir, tmp_path):
-    """'auto' starts an engine only for VLLM_MIN_WORK_TOKENS sampled tokens or more (or an unknown
-    amount); a SamplerPool builds one engine, loads each new checkpoint into it in place, gives it
+    """'auto' starts an engine only for vllm_min_work_tokens() sampled tokens or more (or an unknown
+    amount; on this CPU-only machine the CPU threshold); a SamplerPool builds one engine, loads each new checkpoint into it in place, gives it
     each call's seed, and shuts it down on close; transformers samplers are built per call."""
     import shutil
 
-    from nashalign.sampling.engines import VLLM_MIN_WORK_TOKENS, SamplerPool
+    from nashalign.sampling.engines import VLLM_CPU_MIN_WORK_TOKENS, SamplerPool, vllm_min_work_tokens
     from nashalign.sampling.vllm_engine import VLLMSampler
 
     fake = FakeVLLM([tiny_tokenizer.eos_token_id])
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     common = {"max_new_tokens": 4}
-    small = make_sampler("auto", tiny_model_dir, work_tokens=VLLM_MIN_WORK_TOKENS - 1, **common)
+    threshold = vllm_min_work_tokens()
+    assert threshold == (VLLM_CPU_MIN_WORK_TOKENS if not torch.cuda.is_available() else threshold)
+    small = make_sampler("auto", tiny_model_dir, work_tokens=threshold - 1, **common)
     assert isinstance(small, TransformersSampler) and not fake.engines
-    assert isinstance(make_sampler("auto", tiny_model_dir, work_tokens=VLLM_MIN_WORK_TOKENS, **common), VLLMSampler)
+    assert isinstance(make_sampler("auto", tiny_model_dir, work_tokens=threshold, **common), VLLMSampler)
     assert isinstance(make_sampler("auto", tiny_model_dir, **common), VLLMSampler)
     assert isinstance(make_sampler("vllm", tiny_model_dir, work_tokens=1, **common), VLLMSampler)
 

@@ -45,7 +45,7 @@ from nashalign.sampling.generation import (
 
 # Generation, Sampler, sample_seed and stop_token_ids live in nashalign.sampling.generation (shared
 # with the vLLM backend) and are importable from here too.
-__all__ = ["Generation", "Sampler", "SamplerPool", "TransformersSampler", "VLLM_MIN_WORK_TOKENS", "draw_tokens",
+__all__ = ["Generation", "Sampler", "SamplerPool", "TransformersSampler", "VLLM_CPU_MIN_WORK_TOKENS", "VLLM_MIN_WORK_TOKENS", "draw_tokens",
            "make_sampler", "sample_seed", "stop_token_ids"]
 
 logger = logging.getLogger(__name__)
@@ -259,8 +259,18 @@ def _load_causal_lm(model):
     return loaded
 
 
-# `backend: auto` starts a vLLM engine only for at least this many sampled tokens (see make_sampler).
+# `backend: auto` starts a vLLM engine only for at least this many sampled tokens (see make_sampler):
+# on a GPU, and on a CPU (vLLM's CPU build), where the transformers sampler is nearly as fast.
 VLLM_MIN_WORK_TOKENS = 32768
+VLLM_CPU_MIN_WORK_TOKENS = 262144
+
+
+def vllm_min_work_tokens() -> int:
+    """The `backend: auto` threshold of this machine: VLLM_MIN_WORK_TOKENS with a CUDA device, else
+    VLLM_CPU_MIN_WORK_TOKENS."""
+    import torch
+
+    return VLLM_MIN_WORK_TOKENS if torch.cuda.is_available() else VLLM_CPU_MIN_WORK_TOKENS
 
 
 def make_sampler(
@@ -289,10 +299,13 @@ def make_sampler(
         "auto": vLLM when it is available, `model` is a checkpoint directory and the work pays for
             the engine's start: `work_tokens` (the tokens the caller expects to sample with this
             engine, prompts × K × max_new_tokens summed over its uses; None: unknown, counts as
-            enough) is at least VLLM_MIN_WORK_TOKENS. Else transformers. The rule: an engine start
-            costs about a minute on a CPU (less on a GPU), and vLLM samples about 2-3× faster than
-            the transformers sampler on a CPU, so it pays off from about 30k sampled tokens on a
-            ~60M model on 2 cores (docs/performance.md).
+            enough) is at least `vllm_min_work_tokens()`. Else transformers. The rule: an engine
+            start of S seconds pays off from S / (1/r_t − 1/r_v) sampled tokens at sampling rates
+            r_t (transformers) < r_v (vLLM). On a GPU vLLM's lead is large: 32,768 tokens. On a CPU
+            the engine started in 23 s on a quiet 2-core machine (up to ~100 s loaded) and sampled
+            short prompts 1.46× as fast as the transformers sampler in float32 (long prompts: the
+            same speed; in bfloat16 the transformers sampler is faster), so the engine pays off only
+            from about 72k–300k tokens: 262,144 (docs/performance.md).
     """
     if backend not in ("transformers", "vllm", "auto"):
         raise NashalignError(f"sampling: backend must be 'transformers', 'vllm' or 'auto', got {backend!r}")
@@ -301,7 +314,7 @@ def make_sampler(
         raise NashalignError(
             "sampling: the vLLM backend loads weights from a checkpoint directory; pass its path"
         )
-    worth_an_engine = backend == "vllm" or work_tokens is None or work_tokens >= VLLM_MIN_WORK_TOKENS
+    worth_an_engine = backend == "vllm" or work_tokens is None or work_tokens >= vllm_min_work_tokens()
     if backend != "transformers" and is_path and worth_an_engine:
         from nashalign.sampling.vllm_engine import VLLMSampler, vllm_available
 
