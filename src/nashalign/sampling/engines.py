@@ -299,13 +299,10 @@ def make_sampler(
         "auto": vLLM when it is available, `model` is a checkpoint directory and the work pays for
             the engine's start: `work_tokens` (the tokens the caller expects to sample with this
             engine, prompts × K × max_new_tokens summed over its uses; None: unknown, counts as
-            enough) is at least `vllm_min_work_tokens()`. Else transformers. The rule: an engine
-            start of S seconds pays off from S / (1/r_t − 1/r_v) sampled tokens at sampling rates
-            r_t (transformers) < r_v (vLLM). On a GPU vLLM's lead is large: 32,768 tokens. On a CPU
-            the engine started in 23 s on a quiet 2-core machine (up to ~100 s loaded) and sampled
-            short prompts 1.46× as fast as the transformers sampler in float32 (long prompts: the
-            same speed; in bfloat16 the transformers sampler is faster), so the engine pays off only
-            from about 72k–300k tokens: 262,144 (docs/performance.md).
+            enough) is at least `vllm_min_work_tokens()`. Else transformers. An engine start of S
+            seconds pays off from S / (1/r_t − 1/r_v) sampled tokens at sampling rates r_t
+            (transformers) < r_v (vLLM): on a GPU vLLM's lead is large; on a CPU the transformers
+            sampler is nearly as fast, hence the higher threshold (docs/performance.md).
     """
     if backend not in ("transformers", "vllm", "auto"):
         raise NashalignError(f"sampling: backend must be 'transformers', 'vllm' or 'auto', got {backend!r}")
