@@ -277,6 +277,29 @@ def test_a_run_directory_accepts_the_same_config_or_more_iterations():
     assert config_change({**saved, "extra": 1}, config) == "extra: was 1, now unset"
 
 
+
+def test_a_run_resumes_with_other_batch_sizes_and_keys_newer_than_the_run_at_their_defaults():
+    """A run that ran out of memory resumes with smaller batches; a run directory written before a
+    key existed (its config.yaml lacks it, or a whole section) continues while the key holds its
+    default, and is refused when the new config sets it to something else."""
+    config = from_mapping(OnlineConfig, _mapping(sampling={"batch_size": 16}, data={"scoring_batch_size": 8}))
+    saved = yaml.safe_load(yaml.safe_dump(to_dict(config)))
+    smaller = from_mapping(OnlineConfig, _mapping(sampling={"batch_size": 4}, data={"scoring_batch_size": 2},
+                                                  output={"report_to": "none"}))
+    assert config_change(saved, smaller) is None
+    older = copy.deepcopy(saved)
+    del older["sampling"]["dtype"], older["summary"]
+    assert config_change(older, config) is None
+    bf16 = from_mapping(OnlineConfig, _mapping(sampling={"batch_size": 16, "dtype": "bfloat16"},
+                                               data={"scoring_batch_size": 8}))
+    assert config_change(older, bf16) == "sampling.dtype: was unset, now 'bfloat16'"
+    no_win_rate = from_mapping(OnlineConfig, _mapping(sampling={"batch_size": 16}, data={"scoring_batch_size": 8},
+                                                      summary={"win_rate": False}))
+    assert config_change(older, no_win_rate) == "summary.win_rate: was unset, now False"
+    assert config_change(saved, dataclasses.replace(config, sampling=dataclasses.replace(
+        config.sampling, temperature=0.7))) == "sampling.temperature: was 1.0, now 0.7"
+
+
 def test_truncate_pairs_cuts_like_offline_tokenization():
     """The prompt keeps its end (and a leading BOS), each response its start, prompt + response ≤ max_length."""
     pair = TokenizedPair([1, 5, 6, 7], [8, 9, 10, 2], [11, 2], "prompt[0]")

@@ -603,6 +603,19 @@ def config_keys(cls: type) -> list[str]:
     return [key for key, _, _ in _walk(cls)]
 
 
+def config_defaults(cls: type) -> dict[str, Any]:
+    """The default of every leaf key that has one, as plain data (what `to_dict` writes), by dotted key."""
+    defaults = {}
+    for key, kind, spec in _walk(cls):
+        if dataclasses.is_dataclass(_unwrap_optional(kind)[0]):
+            continue
+        if spec.default is not dataclasses.MISSING:
+            defaults[key] = to_dict(spec.default)
+        elif spec.default_factory is not dataclasses.MISSING:
+            defaults[key] = to_dict(spec.default_factory())
+    return defaults
+
+
 def config_reference(cls: type) -> str:
     """A Markdown table of every leaf key: type, default, allowed range and help (for docs/)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]

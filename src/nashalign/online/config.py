@@ -42,6 +42,7 @@ from nashalign.config import (
     OutputConfig,
     TrainConfig,
     _field,
+    config_defaults,
     config_subset,
     from_mapping,
     to_dict,
@@ -333,10 +334,20 @@ def phase_config(config: OnlineConfig, t: int, aux: bool = False) -> TrainConfig
 _UNSET = object()
 
 
+# Keys a run may change when it is resumed or extended: they set how fast or how visibly the work is
+# done, not what is computed (a run that ran out of memory resumes with a smaller batch).
+RESUMABLE_CHANGES = frozenset({
+    "sampling.batch_size", "data.scoring_batch_size", "sampling.gpu_memory_utilization", "output.report_to",
+})
+
+
 def _changes(old: Mapping, new: Mapping, prefix: str = ""):
-    """(dotted key, old value, new value) of every difference, sections compared key by key."""
+    """(dotted key, old value, new value) of every difference, sections compared key by key (a
+    section the old config lacks compares as empty)."""
     for key in [*new, *(key for key in old if key not in new)]:
         before, after = old.get(key, _UNSET), new.get(key, _UNSET)
+        if before is _UNSET and isinstance(after, Mapping):
+            before = {}
         if isinstance(before, Mapping) and isinstance(after, Mapping):
             yield from _changes(before, after, f"{prefix}{key}.")
         elif before != after:
@@ -346,13 +357,18 @@ def _changes(old: Mapping, new: Mapping, prefix: str = ""):
 def config_change(saved: Mapping, config: OnlineConfig) -> str | None:
     """Why `config` may not continue a run made with the config `saved` (as read from its
     config.yaml), naming the first key that changed; None when it may: the same config, or a larger
-    run.iterations with prompts.files (if set) extended by the added iterations' files."""
+    run.iterations with prompts.files (if set) extended by the added iterations' files. The keys in
+    RESUMABLE_CHANGES may differ, and a key the saved config lacks (a run made by an older nashalign)
+    counts as unchanged when it holds its default."""
     import yaml
 
     def show(value: Any) -> str:
         return "unset" if value is _UNSET else repr(value)
 
+    defaults = config_defaults(type(config))
     for key, before, after in _changes(saved, yaml.safe_load(yaml.safe_dump(to_dict(config), sort_keys=False))):
+        if key in RESUMABLE_CHANGES or (before is _UNSET and key in defaults and after == defaults[key]):
+            continue
         if key == "run.iterations" and isinstance(before, int) and isinstance(after, int):
             if after > before:
                 continue
