@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from nashalign.data.logprobs import DEFAULT_CHUNK_SIZE, pair_logps
+from nashalign.data.token_logps import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     takes some 15 s plus the device-to-host copies. Weights on the meta device (offloaded) cannot be
     hashed and raise ValueError.
     """
-    model = _strip_wrappers(model)
+    model = unwrap_model(model, adapters=False)  # the adapters are part of what is hashed
     digest = hashlib.sha256()
     digest.update(json.dumps(_describe(model), sort_keys=True, default=_json_default).encode())
     seen: dict[int, str] = {}
@@ -99,16 +100,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"\0{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
         _hash_tensor_bytes(digest, name, tensor)
     return digest.hexdigest()
-
-
-def _strip_wrappers(model: torch.nn.Module) -> torch.nn.Module:
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _describe(model: torch.nn.Module) -> dict[str, Any]:

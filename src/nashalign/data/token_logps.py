@@ -225,15 +225,16 @@ def _projects_only_kept_positions(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DistributedDataParallel, torch.compile and peft adapter wrappers.
+def unwrap_model(model: torch.nn.Module, *, adapters: bool = True) -> torch.nn.Module:
+    """The transformers model inside DistributedDataParallel, torch.compile and (unless `adapters` is
+    False: the peft model itself is returned) peft adapter wrappers.
 
-    Raises NashalignError for peft prompt-learning methods (prompt, prefix, p-tuning): they add
-    virtual tokens, so positions no longer line up with `input_ids`.
+    With `adapters`, raises NashalignError for peft prompt-learning methods (prompt, prefix,
+    p-tuning): they add virtual tokens, so positions no longer line up with `input_ids`.
     """
     while True:
         config = getattr(model, "active_peft_config", None)
-        if config is not None and getattr(config, "is_prompt_learning", False):
+        if adapters and config is not None and getattr(config, "is_prompt_learning", False):
             raise NashalignError(
                 f"peft method {config.peft_type} adds virtual tokens and is not supported for "
                 "log-prob scoring; use an adapter method such as LoRA"
@@ -242,7 +243,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        elif adapters and hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
             model = model.get_base_model()
         else:
             return model
