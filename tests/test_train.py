@@ -477,6 +477,28 @@ def test_bf16_autocast_step_on_cpu(model_dirs, tokenizer, tmp_path, monkeypatch)
     assert final_state(tmp_path)["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
 
 
+def test_bf16_reference_scores_are_computed_as_the_autocast_forward(model_dirs, tokenizer, tmp_path):
+    """Under mixed_precision bf16 the reference (here the policy's initial weights) is scored under the
+    same bfloat16 autocast as the training forward: at the first step the policy/reference log-ratios
+    are 0 and the DPO loss is ln 2 (scored in float32 they were off by ~6e-4 and the loss by ~4e-5);
+    the scores are cached apart from float32 ones."""
+    import math
+
+    pairs = make_pairs(tokenizer, 8, seed=3)
+    config = make_config(model_dirs, tmp_path, model={"mixed_precision": "bf16"},
+                         optim={"per_device_batch_size": 4, "max_steps": 1},
+                         data={"scoring_batch_size": 4, "cache_dir": str(tmp_path / "cache")})
+    train_pairs(str(model_dirs["policy"]), pairs, config, tmp_path, tokenizer=tokenizer)
+    first = read_metrics(tmp_path)[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    float32 = make_config(model_dirs, tmp_path / "float32", optim={"per_device_batch_size": 4, "max_steps": 1},
+                          data={"scoring_batch_size": 4, "cache_dir": str(tmp_path / "cache")})
+    train_pairs(str(model_dirs["policy"]), pairs, float32, tmp_path / "float32", tokenizer=tokenizer)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one file per fingerprint
+
+
 def test_gradient_checkpointing_changes_nothing(model_dirs, tokenizer, tmp_path):
     pairs = make_pairs(tokenizer, 4, seed=3)
     states = []

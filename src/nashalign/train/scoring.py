@@ -10,6 +10,8 @@ split over them and only the main process writes the cache.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -40,16 +42,21 @@ def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Pa
            accelerator=None):
     """{"chosen", "rejected"} (N,) float32 log-probs under `model`, through the cache (inference mode);
     with an `accelerator` of several processes the work is split across them (_score_sharded)."""
-    from nashalign.data.cache import LogpCache, score_pairs
+    from nashalign.data.cache import LogpCache, model_fingerprint, score_pairs
 
     model, cache = model.to(device), LogpCache(cache_dir)
     collate = lambda chunk: (pack_pairs if config.data.packing else collate_pairs)(chunk, pad_id)  # noqa: E731
+    precision, salt = _scoring_precision(config, device)
+    fingerprint = model_fingerprint(model)
+    if salt:  # the cache's key for these scores: still a hex digest, as the cache requires
+        fingerprint = hashlib.sha256(f"{fingerprint}{salt}".encode()).hexdigest()
     began = time.perf_counter()
-    if accelerator is not None and accelerator.num_processes > 1:
-        scores = _score_sharded(model, pairs, config, cache, collate, accelerator)
-    else:
-        scores = score_pairs(model, pairs, batch_size=config.data.scoring_batch_size, cache=cache, collate_fn=collate,
-                             progress=progress.is_local_main_process())
+    with precision:
+        if accelerator is not None and accelerator.num_processes > 1:
+            scores = _score_sharded(model, pairs, config, cache, collate, accelerator, fingerprint)
+        else:
+            scores = score_pairs(model, pairs, batch_size=config.data.scoring_batch_size, cache=cache,
+                                 collate_fn=collate, fingerprint=fingerprint, progress=progress.is_local_main_process())
     if progress.is_main_process():
         source = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
         logger.info("%s", progress.rate_line("log-probs", len(pairs), "pair", time.perf_counter() - began,
@@ -57,15 +64,24 @@ def _score(model, pairs: list[TokenizedPair], config: TrainConfig, cache_dir: Pa
     return {side: scores[f"{side}_logps"].float().cpu() for side in ("chosen", "rejected")}
 
 
-def _score_sharded(model, pairs, config: TrainConfig, cache, collate, accelerator) -> dict[str, torch.Tensor]:
+def _scoring_precision(config: TrainConfig, device):
+    """(context, cache-key salt): pairs are scored as the training phase's forward passes compute,
+    under bfloat16 autocast when `model.mixed_precision` is bf16 (so the policy's log-ratio to π_t is
+    0 up to batching at the first step), and such scores are cached apart from those computed without autocast."""
+    if config.model.mixed_precision != "bf16":
+        return contextlib.nullcontext(), ""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16), "+autocast-bf16"
+
+
+def _score_sharded(model, pairs, config: TrainConfig, cache, collate, accelerator,
+                   fingerprint: str) -> dict[str, torch.Tensor]:
     """score_pairs split over processes: each scores every num_processes-th cache miss, the results
     are gathered on all processes, and only the main process writes them to the cache (one writer,
     so no entry is lost to concurrent rewrites of the cache file)."""
     from accelerate.utils import gather_object
 
-    from nashalign.data.cache import model_fingerprint, score_pairs
+    from nashalign.data.cache import score_pairs
 
-    fingerprint = model_fingerprint(model)
     keys = [pair.content_hash() for pair in pairs]
     found = cache.lookup(fingerprint, keys)
     mine = found.misses[accelerator.process_index :: accelerator.num_processes]
