@@ -75,8 +75,8 @@ def _row_seeded_sampler(generators, temperature: float, top_p: float):
     HF's `generate` draws all rows of a batch with one `torch.multinomial` on the global RNG, so
     a sample would depend on its batch. This processor applies HF's own temperature and top-p
     warpers, draws one token per row from the row's generator (the transformers sampler's own
-    `draw_tokens`) and returns scores that are -inf
-    everywhere except at the drawn token; `generate` then runs in greedy mode and picks exactly it.
+    `draw_tokens`) and returns scores that are -inf everywhere except at the drawn token; `generate`
+    then runs in greedy mode and picks exactly it.
     """
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper

@@ -45,10 +45,13 @@ from nashalign.sampling.generation import (
 
 # Generation, Sampler, sample_seed and stop_token_ids live in nashalign.sampling.generation (shared
 # with the vLLM backend) and are importable from here too.
-__all__ = ["Generation", "Sampler", "SamplerPool", "TransformersSampler", "VLLM_CPU_MIN_WORK_TOKENS", "VLLM_MIN_WORK_TOKENS", "draw_tokens",
-           "make_sampler", "sample_seed", "stop_token_ids"]
+__all__ = [
+    "Generation", "Sampler", "SamplerPool", "TransformersSampler", "VLLM_CPU_MIN_WORK_TOKENS", "VLLM_MIN_WORK_TOKENS",
+    "draw_tokens", "make_sampler", "sample_seed", "stop_token_ids", "vllm_min_work_tokens",
+]
 
 logger = logging.getLogger(__name__)
+
 
 def draw_tokens(probs, generators):
     """One token per row of `probs` (each row a categorical distribution, not necessarily
@@ -63,11 +66,14 @@ def draw_tokens(probs, generators):
     Tokens of zero probability are never drawn."""
     import torch
 
-    uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators])
+    uniforms = torch.cat(
+        [torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators]
+    )
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     # the point to invert, kept strictly below the total so that it lands on a token with mass
-    point = torch.minimum((uniforms[:, None] * total.double()).to(cdf.dtype), torch.nextafter(total, total.new_zeros(())))
+    point = torch.minimum((uniforms[:, None] * total.double()).to(cdf.dtype),
+                          torch.nextafter(total, total.new_zeros(())))
     return torch.searchsorted(cdf, point, right=True).squeeze(-1)
 
 
@@ -198,9 +204,11 @@ class TransformersSampler(SamplerSettings):
         encoded = self.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False)
         # Preallocated for the whole decode and filled in place: a growing cache copies itself at
         # every step (a sixth of the sampler's time at 128 rows).
-        cache = StaticCache(config=self.model.config, max_cache_len=encoded["input_ids"].shape[1] + self.max_new_tokens)
+        cache = StaticCache(config=self.model.config,
+                            max_cache_len=encoded["input_ids"].shape[1] + self.max_new_tokens)
         # newer transformers call the argument `cache`
-        cache_arg = {"cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values": cache}
+        cache_key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache_arg = {cache_key: cache}
         rows = torch.tensor([distinct.index(text) for text in texts], device=device)
         mask = encoded["attention_mask"].to(device)
         positions = position_ids_from_mask(mask)
@@ -260,7 +268,8 @@ def _load_causal_lm(model):
 
 
 # `backend: auto` starts a vLLM engine only for at least this many sampled tokens (see make_sampler):
-# on a GPU, and on a CPU (vLLM's CPU build), where the transformers sampler is nearly as fast.
+# VLLM_MIN_WORK_TOKENS on a GPU; VLLM_CPU_MIN_WORK_TOKENS on a CPU (vLLM's CPU build), where the
+# transformers sampler is nearly as fast.
 VLLM_MIN_WORK_TOKENS = 32768
 VLLM_CPU_MIN_WORK_TOKENS = 262144
 
