@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CONFIG = ROOT / "configs" / "accelerate" / "ddp.yaml"
@@ -71,17 +72,11 @@ def _worker(config_path: str, record_dir: str, stop_at: int) -> None:
         print(f"rank {rank}: stopped after step {stop_at}")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch(arguments: list[str], log: Path) -> None:
     """accelerate launch with the DDP config on 2 CPU processes; fails with the log's tail."""
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(DDP_CONFIG),
-        "--num_processes", "2", "--main_process_port", str(_free_port()), *arguments,
+        "--num_processes", "2", "--main_process_port", str(free_port()), *arguments,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}

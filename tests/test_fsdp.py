@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +34,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ports import free_port
+from test_distributed import NUM_PAIRS, PAIRS, _write_config  # the same data, batches and schedule
+
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
-PAIRS = ROOT / "configs" / "train-tiny-pairs.jsonl"
-NUM_PAIRS, STEPS, KILL_AFTER = 21, 12, 6
+STEPS, KILL_AFTER = 12, 6
 
 
 def _worker(config_path: str, record: str, kill_after: int) -> None:
@@ -76,37 +77,16 @@ def _worker(config_path: str, record: str, kill_after: int) -> None:
     train_module.train(load_config(TrainConfig, config_path), callback=kill)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch(arguments: list[str], log: Path) -> int:
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(FSDP_CONFIG),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()), *arguments,
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), *arguments,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "w", encoding="utf-8") as out:
         # a timeout turns a deadlock between the processes into a failure
         return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=300, cwd=ROOT).returncode
-
-
-def _write_config(path: Path, model_dir: Path, pairs: Path, run_dir: Path, per_device: int, accumulation: int):
-    import yaml
-
-    config = {
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train_file": str(pairs), "max_length": 64, "max_prompt_length": 32},
-        "loss": {"name": "inpo", "eta": 0.05},
-        "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "epochs": 2, "per_device_batch_size": per_device,
-                  "gradient_accumulation_steps": accumulation, "seed": 0, "schedule": "cosine"},
-        "output": {"dir": str(run_dir), "save_steps": 4, "save_total_limit": 2, "report_to": "none"},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "configs" / "train-tiny-pairs.jsonl"
@@ -117,12 +118,6 @@ def _save_sampling_model(directory: Path, seed: int) -> Path:
     return directory
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch_training(accelerate_config: str, model_dir: Path, run_dir: Path, overrides: list[str], log: Path):
     """`accelerate launch --config_file configs/accelerate/<config> -m nashalign.cli train` on up to
     2 GPUs, with a tiny-model config written to run_dir; returns the number of processes."""
@@ -142,7 +137,7 @@ def _launch_training(accelerate_config: str, model_dir: Path, run_dir: Path, ove
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch",
         "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
-        "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+        "--num_processes", str(processes), "--main_process_port", str(free_port()),
         "-m", "nashalign.cli", "train", "--config", str(config), *[arg for item in overrides for arg in ("--set", item)],
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -203,7 +198,7 @@ def _launch_worker(accelerate_config: str, config: Path, kill_after: int, log: P
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch",
         "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config), "--mixed_precision", "no",
-        "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+        "--num_processes", str(processes), "--main_process_port", str(free_port()),
         str(Path(__file__)), "--worker", str(config), str(kill_after),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

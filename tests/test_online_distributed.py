@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = Path(__file__).parent / "plugins"
@@ -81,17 +82,11 @@ def _mapping(root: Path, model_dir: Path, name: str, per_device_batch_size: int)
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch(arguments: list[str], log: Path) -> str:
     """accelerate launch with the DDP config on 2 CPU processes; its output, or a failure with the tail."""
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(DDP_CONFIG),
-        "--num_processes", "2", "--main_process_port", str(_free_port()), *arguments,
+        "--num_processes", "2", "--main_process_port", str(free_port()), *arguments,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",

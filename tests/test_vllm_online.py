@@ -122,17 +122,14 @@ def test_killed_during_vllm_sampling_resumes_to_the_same_run(setting, uninterrup
 def test_two_processes_sample_with_one_engine_each(setting, uninterrupted):
     """Under `accelerate launch` with 2 CPU processes, each process samples its half of the prompts
     with its own engine; the merged samples of iteration 0 equal the 1-process run's byte for byte."""
-    import socket
+    from ports import free_port
 
     root, model_dir = setting
     clean_dir, _ = uninterrupted
     config = _config(root, model_dir, "double", iterations=1)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
-               str(port), "-m", "nashalign.cli", "online", "--config", str(config)]
+               str(free_port()), "-m", "nashalign.cli", "online", "--config", str(config)]
     done = subprocess.run(command, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
                           timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
