@@ -619,19 +619,16 @@ def config_defaults(cls: type) -> dict[str, Any]:
 def config_reference(cls: type) -> str:
     """A Markdown table of every leaf key: type, default, allowed range and help (for docs/)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    defaults = config_defaults(cls)
     for key, kind, spec in _walk(cls):
         inner, optional = _unwrap_optional(kind)
         if dataclasses.is_dataclass(inner):
             if optional:
                 rows.append(f"| `{key}` | section, optional | unset | {spec.metadata.get('help', '')} |")
             continue
-        if spec.default is not dataclasses.MISSING:
-            default = yaml.safe_dump(to_dict(spec.default), default_flow_style=True).strip()
-            default = default.removesuffix("...").strip()
-        elif spec.default_factory is not dataclasses.MISSING:
-            default = yaml.safe_dump(to_dict(spec.default_factory()), default_flow_style=True).strip()
-        else:
-            default = "required"
+        default = "required"
+        if key in defaults:
+            default = yaml.safe_dump(defaults[key], default_flow_style=True).strip().removesuffix("...").strip()
         type_text = f"{_type_name(inner)} {_bounds_text(spec.metadata)}".strip()
         if optional:
             type_text += ", or null"
